@@ -1,0 +1,243 @@
+"""The experiment config: one pydantic model, validated whole before any work starts.
+
+`load_config` turns every user mistake (missing file, YAML syntax, unknown key, bad value, dangling reference)
+into `ConfigError`, whose `problems` are one line each naming the field and the offending value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from merging.methods import METHODS
+
+Precision = Literal["float32", "bfloat16", "float16"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; `problems` holds one human-readable line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    """A parent model. `source`: `embedded:<member>` (the bundled SmolLM2 family), a local folder, or a hub id."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    source: str
+    revision: str | None = None
+
+
+class MethodSpec(Strict):
+    method: str
+    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None  # model-name suffix; defaults to `method`
+    parameters: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown merge method {value!r}; known: {', '.join(METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_parameters(self) -> MethodSpec:
+        method = METHODS[self.method]
+        problems = []
+        for key, value in self.parameters.items():
+            param = method.param(key)
+            problem = f"unknown parameter for {self.method}" if param is None else param.check(value)
+            if problem:
+                problems.append(f"parameters.{key}={value!r}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def suffix(self) -> str:
+        return self.label or self.method
+
+
+class MergeSpec(Strict):
+    """Every parent group merged by every method: `instruct+math/slerp`, ..."""
+
+    parents: list[Annotated[list[str], Field(min_length=2)]] = Field(default_factory=list)
+    methods: list[MethodSpec] = Field(default_factory=list)
+
+
+class BehaviorSpec(Strict):
+    suites: list[str] = Field(default_factory=lambda: ["offline"])
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    limit: Annotated[int, Field(ge=1)] | None = None  # items per task, for quick runs
+
+
+class ProbingSpec(Strict):
+    data: str = "bundled"  # "bundled" or a folder of Holmes/FlashHolmes datasets
+    tasks: list[str] | None = None  # None: every task found
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    max_length: Annotated[int, Field(ge=8)] = 128
+    controls: bool = True
+    mdl: bool = False
+
+
+class SimilaritySpec(Strict):
+    weights: bool = True
+    functional: bool = True
+
+
+class ExperimentConfig(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    description: str = ""
+    seed: int = 0
+    precision: Precision = "float32"  # one precision for behaviour and internals alike
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # safetensors only unless a config opts in
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    base: str
+    merges: MergeSpec = Field(default_factory=MergeSpec)
+    behavior: BehaviorSpec = Field(default_factory=BehaviorSpec)
+    probing: ProbingSpec = Field(default_factory=ProbingSpec)
+    similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
+
+    @model_validator(mode="after")
+    def _references(self) -> ExperimentConfig:
+        problems = reference_problems(self.model_dump())
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def merge_names(self) -> list[str]:
+        return [merge_name(group, m.suffix) for group in self.merges.parents for m in self.merges.methods]
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models] + self.merge_names
+
+    def model(self, name: str) -> ModelSpec:
+        return next(m for m in self.models if m.name == name)
+
+
+def _duplicates(values: list) -> list:
+    return sorted({v for v in values if values.count(v) > 1}, key=str)
+
+
+def reference_problems(data: dict) -> list[str]:
+    """Cross-field mistakes (dangling names, duplicates, slerp arity), found on raw data too, so that they are
+    reported in the same pass as field errors rather than only after those are fixed."""
+    def entries(value) -> list:
+        return value if isinstance(value, list) else []
+
+    models = [m.get("name") for m in entries(data.get("models")) if isinstance(m, dict)]
+    merges = data.get("merges") if isinstance(data.get("merges"), dict) else {}
+    groups = [g for g in entries(merges.get("parents")) if isinstance(g, list)]
+    methods = [m for m in entries(merges.get("methods")) if isinstance(m, dict)]
+    problems = [f"models: duplicate model name {name!r}" for name in _duplicates(models)]
+    if "base" in data and data["base"] not in models:
+        problems.append(f"base: {data['base']!r} is not one of the models ({', '.join(map(str, models))})")
+    for i, group in enumerate(groups):
+        problems += [f"merges.parents[{i}]: {p!r} is not one of the models" for p in group if p not in models]
+        if len(set(map(str, group))) != len(group):
+            problems.append(f"merges.parents[{i}]: a parent is listed twice in {group}")
+    suffixes = [m.get("label") or m.get("method") for m in methods]
+    problems += [f"merges.methods: duplicate model names */{s}: give each a distinct label"
+                 for s in _duplicates(suffixes)]
+    for i, spec in enumerate(methods):
+        method = METHODS.get(spec.get("method"))
+        for j, group in enumerate(groups):
+            if method and method.exactly_two and len(group) != 2:
+                problems.append(f"merges.methods[{i}] ({method.name}): needs exactly 2 parents, "
+                                f"merges.parents[{j}] has {len(group)}")
+    return problems
+
+
+def merge_name(parents: list[str], suffix: str) -> str:
+    return f"{'+'.join(parents)}/{suffix}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of duplicate mapping keys silently; a config with two `models:` is a mistake."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _location(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _lookup(data: object, loc: tuple) -> object:
+    for part in loc:
+        try:
+            data = data[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _problems(error: ValidationError, data: object) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{_location(loc)}: unknown key")
+        elif item["type"] == "value_error" and not loc:
+            problems.extend(message.splitlines())
+        else:
+            value = _lookup(data, loc)
+            shown = "" if item["type"] in {"missing", "value_error"} else f" (got {value!r})"
+            problems.append(f"{_location(loc)}: {message}{shown}")
+    return problems
+
+
+def parse_config(data: object, origin: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError([f"{origin}: expected a mapping at the top level, got {type(data).__name__}"])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        problems = _problems(error, data)
+        problems += [p for p in reference_problems(data) if p not in problems]
+        raise ConfigError([f"{origin}: {p}" for p in problems]) from None
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError([f"{path}:{where}: YAML error: {reason}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
+    return parse_config(data, str(path))

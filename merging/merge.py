@@ -1,0 +1,122 @@
+"""The merge stage: mergekit's `run_merge`, in-process, one merged checkpoint per (parents, method).
+
+Each checkpoint folder gets `manifest.json` (method, parameters, parents, base, mergekit version, seed, wall time,
+peak RSS). A folder whose manifest carries the same input key is reused, so re-running a config merges only
+what changed; a merge is built in a temp folder and renamed into place, so a half-written merge never exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+
+from merging.checkpoints import content_digest
+from merging.methods import METHODS, mergekit_config
+
+MANIFEST = "manifest.json"
+
+
+class MergeError(RuntimeError):
+    """mergekit refused or failed a merge; the message names the merge."""
+
+
+@dataclass(frozen=True)
+class MergeLineage:
+    """What a merged model is made of: the tables join merges to their parents through this."""
+
+    model: str
+    method: str
+    parents: tuple[str, ...]
+    base: str | None
+    parameters: dict[str, float] = field(default_factory=dict)
+
+
+class PeakRss:
+    """Peak resident memory of this process while the block runs, sampled every 20 ms."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dtype: str) -> str:
+    """Hash of everything a merge's result depends on: parent contents, method, parameters, seed, dtype."""
+    parts = {"lineage": asdict(lineage), "seed": seed, "dtype": dtype, "mergekit": version("mergekit"),
+             "digests": {name: content_digest(path) for name, path in sorted(parent_dirs.items())}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: int = 0,
+          dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    """Merge `lineage.parents` (over `lineage.base`) into `out`; returns the manifest. Reuses a matching result."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    method = METHODS[lineage.method]
+    needed = list(lineage.parents) + ([lineage.base] if method.uses_base and lineage.base else [])
+    parent_dirs = {name: Path(model_dirs[name]) for name in needed}
+    key = input_key(lineage, parent_dirs, seed, dtype)
+    existing = read_manifest(out)
+    if existing and existing.get("input_key") == key:
+        return existing
+
+    config = mergekit_config(method, lineage.parameters, [str(parent_dirs[p]) for p in lineage.parents],
+                             str(parent_dirs[lineage.base]) if method.uses_base else None, dtype)
+    options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
+                           trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
+                           write_model_card=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        with PeakRss() as memory:
+            run_merge(MergeConfiguration.model_validate(config), str(build), options=options)
+    except Exception as error:  # mergekit raises many types; name the merge and keep the cause
+        shutil.rmtree(build, ignore_errors=True)
+        raise MergeError(f"merge {lineage.model!r} ({lineage.method}) failed: {error}") from error
+    manifest = {
+        "model": lineage.model, "method": lineage.method, "parameters": config.get("parameters", {}),
+        "model_parameters": {m["model"]: m.get("parameters", {}) for m in config["models"]},
+        "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
+        "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
+        "mergekit_config": config, "seed": seed, "dtype": dtype,
+        "wall_seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "input_key": key,
+    }
+    (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    build.rename(out)
+    return manifest

@@ -1,0 +1,125 @@
+"""Train the embedded family's children: one LoRA adapter per domain on generated train-split data.
+
+    python -m merging.train_family            # retrain all children into merging/adapters/
+    python -m merging.train_family --only math
+
+The adapters are shipped in the repo so a cold family build takes a minute, not a training run; this script is how
+they were made, and re-running it on the same versions reproduces them (fixed seeds, single-threaded order).
+`training.json` beside each adapter records the recipe, the data digest and the loss curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from merging.family import ADAPTER_ROOT, CHILDREN, build_family
+from merging.family_data import Example, examples
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int = 50
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    rank: int = 8
+    alpha: int = 16
+    seed: int = 0
+
+
+def data_digest(items: list[Example]) -> str:
+    return hashlib.sha256("\x00".join(e.text for e in items).encode()).hexdigest()
+
+
+def training_batch(tokenizer, items: list[Example]) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + answer + EOS; the loss sees only the answer and EOS."""
+    rows, labels = [], []
+    for item in items:
+        prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    target = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": target}
+
+
+@torch.no_grad()
+def answer_scores(model, tokenizer, items: list[Example]) -> tuple[float, float]:
+    """(mean answer loss per token, fraction of items whose whole answer is the greedy continuation)."""
+    batch = training_batch(tokenizer, items)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    scored = labels != -100
+    log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    loss = -(log_probs * scored).sum() / scored.sum()
+    exact = ((logits.argmax(-1) == labels) | ~scored).all(-1).float().mean()
+    return loss.item(), exact.item()
+
+
+def heldout_scores(model_dir: Path, domain: str, n: int = 64) -> tuple[float, float]:
+    """`answer_scores` of a checkpoint on `n` held-out items of `domain` (never seen in fine-tuning)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return answer_scores(model, AutoTokenizer.from_pretrained(model_dir), examples(domain, "heldout", n, seed=1))
+
+
+def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    data = examples(domain, "train", recipe.steps * recipe.batch_size, seed=recipe.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / recipe.steps)
+    losses, started = [], time.perf_counter()
+    for step in range(recipe.steps):
+        batch = training_batch(tokenizer, data[step * recipe.batch_size:(step + 1) * recipe.batch_size])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(round(loss.item(), 4))
+        if step % 10 == 0 or step == recipe.steps - 1:
+            print(f"[{domain}] step {step + 1}/{recipe.steps} loss {losses[-1]:.3f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    record = {"domain": domain, "recipe": asdict(recipe), "data_digest": data_digest(data), "n_examples": len(data),
+              "losses": losses, "seconds": round(time.perf_counter() - started, 1),
+              "torch": torch.__version__}
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=CHILDREN, action="append", help="train only these children")
+    parser.add_argument("--out", type=Path, default=ADAPTER_ROOT)
+    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    args = parser.parse_args(argv)
+    base_dir = build_family(("base",))["base"]
+    for domain in args.only or CHILDREN:
+        train_child(domain, base_dir, args.out / domain, Recipe(steps=args.steps))
+
+
+if __name__ == "__main__":
+    main()

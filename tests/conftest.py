@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random Llama family for fast unit tests, the real embedded family for stage tests.
+
+The environment is pinned before anything imports prefect or datasets: offline hub, and Prefect/HF homes inside
+the pytest temp area so nothing leaks into the user's HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="merge-eval-tests-"))
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_HOME": str(_SCRATCH / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HOME": str(_SCRATCH / "hf"),
+})
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_TEXT = [
+    "the cat sat on the mat", "the dogs run in the park", "a bird sings in a tree", "she reads a book",
+    "Question: Ann has 3 apples and gets 4 more. Answer: 3 + 4 = 7.", "def f(x):\n    return x * 2",
+    "Instruction: Repeat the word 'river' 2 times.\nResponse: river river", "12 + 7 = 19", "we walked home",
+]
+
+
+def make_tokenizer(folder: Path):
+    """A small byte-level BPE tokenizer trained on TINY_TEXT (no hub, no GGUF), saved into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(TINY_TEXT, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def save_tiny(folder: Path, state: dict[str, torch.Tensor], tokenizer, config) -> Path:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama checkpoints sharing a base: `base`, and children `a`, `b` = base + their own random task vector.
+
+    Small enough for exact checks in milliseconds; the children differ from the base in every tensor.
+    """
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-family")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    config = tiny_config(len(tokenizer))
+    torch.manual_seed(0)
+    base_state = {k: v.clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    paths = {"base": save_tiny(root / "base", base_state, tokenizer, config)}
+    for seed, child in enumerate(["a", "b"], start=1):
+        generator = torch.Generator().manual_seed(seed)
+        state = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in base_state.items()}
+        paths[child] = save_tiny(root / child, state, tokenizer, config)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def real_family() -> dict[str, Path]:
+    """The real embedded family (SmolLM2-135M base + children), built once and cached by content."""
+    from merging.family import build_family
+
+    return build_family()
