@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -64,6 +65,16 @@ class RunDir:
 
     def model_dir(self, name: str) -> Path:
         return self.models.joinpath(*name.split("/"))
+
+    def link_parent(self, name: str, source: Path) -> Path:
+        """models/<parent> as a symlink to where the parent lives: referenced, never copied."""
+        link = self.model_dir(name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        temp = link.with_name(f".{link.name}.link")
+        temp.unlink(missing_ok=True)
+        temp.symlink_to(Path(source).resolve(), target_is_directory=True)
+        os.replace(temp, link)
+        return link
 
     def write_config(self, config: ExperimentConfig, source: Path) -> Path:
         """config.yaml: the validated config with defaults filled in, plus versions and provenance."""

@@ -76,6 +76,16 @@ def heldout_scores(model_dir: Path, domain: str, n: int = 64) -> tuple[float, fl
     return answer_scores(model, AutoTokenizer.from_pretrained(model_dir), examples(domain, "heldout", n, seed=1))
 
 
+def save_adapter(model, out: Path) -> None:
+    """The adapter weights and config only, with no machine-specific path (peft records the base's folder)."""
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)  # peft's model-card template, not ours
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = "embedded:base"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +112,7 @@ def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
         if step % 10 == 0 or step == recipe.steps - 1:
             print(f"[{domain}] step {step + 1}/{recipe.steps} loss {losses[-1]:.3f}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_adapter(model, out)
     record = {"domain": domain, "recipe": asdict(recipe), "data_digest": data_digest(data), "n_examples": len(data),
               "losses": losses, "seconds": round(time.perf_counter() - started, 1),
               "torch": torch.__version__}

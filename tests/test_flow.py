@@ -52,7 +52,8 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tmp
         manifests[name] = json.loads((run.model_dir(name) / "manifest.json").read_text())
         assert manifests[name]["parents"] == ["a", "b"] and manifests[name]["seed"] == 1
     assert manifests["a+b/dare_ties"]["base"] == "base" and manifests["a+b/linear"]["base"] is None
-    assert not (run.models / "a").exists(), "parents are referenced, not copied"
+    assert (run.models / "a").is_symlink(), "parents are referenced, not copied"
+    assert (run.models / "a").resolve() == tiny_family["a"].resolve()
 
     merge_eval(config_path=str(tiny_config), run_dir=str(run.root))
     for name, manifest in manifests.items():
