@@ -20,14 +20,20 @@ def _offline_defaults() -> None:
     """Quiet, local-first defaults; anything the user set explicitly wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Prefect's default 20 s for its temporary in-process server is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from merging.checkpoints import CheckpointError
     from merging.family import FamilyError
     from merging.merge import MergeError
+    from merging.preflight import PreflightError
+    from probing.capture import CaptureError
+    from probing.holmes import HolmesError
+    from probing.inspect import ProbesError
 
-    return ConfigError, CheckpointError, FamilyError, MergeError
+    return ConfigError, CheckpointError, FamilyError, MergeError, PreflightError, HolmesError, CaptureError, ProbesError
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -42,6 +48,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_dir = merge_eval(config_path=str(args.config), run_dir=str(args.run_dir) if args.run_dir else None)
     print(f"results in {run_dir}")
+    return 0
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    from probing.inspect import show_probes
+
+    show_probes(args.run_dir, task=args.task, model=args.model)
     return 0
 
 
@@ -62,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>/")
     run.set_defaults(handler=cmd_run)
+    probes = commands.add_parser("probes", help="per-layer probe curves; no --task/--model: list tasks and models")
+    probes.add_argument("run_dir", type=Path)
+    probes.add_argument("--task", default=None)
+    probes.add_argument("--model", default=None)
+    probes.set_defaults(handler=cmd_probes)
     serve = commands.add_parser("serve", help="serve the merge-eval/qwen and merge-eval/smollm2 deployments")
     serve.set_defaults(handler=cmd_serve)
     return parser

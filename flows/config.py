@@ -76,9 +76,23 @@ class MergeSpec(Strict):
 
 
 class BehaviorSpec(Strict):
-    suites: list[str] = Field(default_factory=lambda: ["offline"])
+    """lm-eval suites by name (evaluation.suites.SUITES: `offline` bundled, `leaderboard` needs the hub)."""
+
+    suites: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: ["offline"])
     batch_size: Annotated[int, Field(ge=1)] = 16
     limit: Annotated[int, Field(ge=1)] | None = None  # items per task, for quick runs
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, value: list[str]) -> list[str]:
+        from evaluation.suites import SUITES
+
+        unknown = [name for name in value if name not in SUITES]
+        if unknown:
+            raise ValueError(f"unknown suite(s) {', '.join(map(repr, unknown))}; known: {', '.join(SUITES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a suite is listed twice")
+        return value
 
 
 class ProbingSpec(Strict):
@@ -89,6 +103,7 @@ class ProbingSpec(Strict):
     max_length: Annotated[int, Field(ge=8)] = 128
     controls: bool = True
     mdl: bool = False
+    pooling: Literal["mean", "last"] = "mean"  # sentence inputs: masked mean or last token (spans: always mean)
 
 
 class SimilaritySpec(Strict):

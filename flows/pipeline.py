@@ -7,8 +7,10 @@ directory, which is what makes an interrupted or extended run resume instead of 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,6 +18,9 @@ from flows.config import ExperimentConfig, load_config, merge_name
 from flows.run_store import RunDir
 from merging.checkpoints import LoadOptions, resolve_source
 from merging.merge import MergeLineage, merge
+from merging.preflight import preflight
+from merging.weight_features import cached_weight_features
+from reports.tables import atomic_write_text, read_table, write_table
 
 
 def merge_lineages(config: ExperimentConfig) -> list[MergeLineage]:
@@ -30,11 +35,12 @@ def load_options(config: ExperimentConfig) -> LoadOptions:
 
 
 @task(name="resolve-parents", cache_policy=NO_CACHE)
-def resolve_parents(config: ExperimentConfig) -> dict[str, Path]:
+def resolve_parents(config: ExperimentConfig, run: RunDir) -> dict[str, Path]:
     logger = get_run_logger()
     paths = {}
     for spec in config.models:
         paths[spec.name] = resolve_source(spec.source, spec.revision, config.allow_pickle)
+        run.link_parent(spec.name, paths[spec.name])
         logger.info("parent %s -> %s", spec.name, paths[spec.name])
     return paths
 
@@ -49,6 +55,97 @@ def merge_task(lineage: MergeLineage, parents: dict[str, Path], run: RunDir, con
     return out
 
 
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight_task(parents: dict[str, Path], config: ExperimentConfig) -> list[str]:
+    """Fail before any merge is written when the parents cannot be merged meaningfully."""
+    warnings = preflight(parents, base=config.base, merge_dtype=config.precision)
+    for line in warnings:
+        get_run_logger().warning("preflight: %s", line)
+    return warnings
+
+
+@task(name="weight-features", cache_policy=NO_CACHE)
+def weight_features_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
+    """Streamed weight features of every pair of models into similarity.parquet (rows of other sources kept)."""
+    groups = {lineage.model: lineage.parents for lineage in merge_lineages(config)}
+    rows, cached = cached_weight_features(model_dirs, config.base, run.cache, groups)
+    get_run_logger().info("weight features: %d rows for %d models%s", rows.height, len(model_dirs),
+                          " (cached)" if cached else "")
+    existing = read_table(run.tables, "similarity")
+    if existing is not None and "source" in existing.columns:
+        rows = pl.concat([existing.filter(pl.col("source") != "weights"), rows], how="diagonal_relaxed")
+    return write_table(run.tables, "similarity", rows)
+
+
+@task(name="probing", cache_policy=NO_CACHE)
+def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
+    """Capture + layerwise probes for every model (parents and merges) into probes.parquet; captures and probe
+    results are cached per model content under run.cache, so only new or changed models cost a forward pass."""
+    from probing.stage import load_tasks, probe_model
+
+    logger = get_run_logger()
+    spec = config.probing
+    tasks = load_tasks(spec.data, spec.tasks)
+    frames = []
+    for i, (name, folder) in enumerate(model_dirs.items(), 1):
+        logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))
+        frames.append(probe_model(name, folder, tasks, load_options(config), run.cache, spec.seeds, spec.batch_size,
+                                  spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
+    return write_table(run.tables, "probes", pl.concat(frames, how="diagonal_relaxed"))
+
+
+@task(name="internals-outcomes", cache_policy=NO_CACHE)
+def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
+    """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds."""
+    from evaluation.outcomes import compute_outcomes
+    from probing.stage import internals_scores
+
+    rows = compute_outcomes(internals_scores(read_table(run.tables, "probes")), merge_lineages(config),
+                            kind="internals")
+    return write_outcomes(run, rows, "internals")
+
+
+def write_outcomes(run: RunDir, rows: pl.DataFrame, kind: str) -> Path:
+    """outcomes.parquet holds every kind: replace this kind's rows, keep the others'."""
+    existing = read_table(run.tables, "outcomes")
+    if existing is not None:
+        rows = pl.concat([existing.filter(pl.col("kind") != kind), rows], how="diagonal_relaxed")
+    return write_table(run.tables, "outcomes", rows)
+
+
+def behavior_settings(config: ExperimentConfig):
+    from evaluation.behavior import BehaviorSettings
+
+    return BehaviorSettings(suites=tuple(config.behavior.suites), batch_size=config.behavior.batch_size,
+                            precision=config.precision, device=load_options(config).torch_device,
+                            limit=config.behavior.limit, seed=config.seed)
+
+
+@task(name="behavior", cache_policy=NO_CACHE, task_run_name="behaviour {name}")
+def behavior_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig) -> pl.DataFrame:
+    """lm-eval on one model (cached by content + settings under run.cache); its raw JSON kept beside the tables."""
+    from evaluation.behavior import score_model, tidy
+
+    raw = score_model(folder, behavior_settings(config), load_options(config), run.cache)
+    atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
+                      json.dumps(raw, indent=1))
+    get_run_logger().info("behaviour %s: scored in %.1f s (cache key %s)", name, raw["merge_eval"]["wall_seconds"],
+                          raw["merge_eval"]["cache_key"][:12])
+    return tidy(raw, name)
+
+
+@task(name="behavior-tables", cache_policy=NO_CACHE)
+def behavior_tables_task(frames: list[pl.DataFrame], run: RunDir, config: ExperimentConfig) -> Path:
+    """behavior.parquet for every model, and merge-vs-parents outcomes (kind=behavior) per task and group."""
+    from evaluation.behavior import outcome_scores
+    from evaluation.outcomes import compute_outcomes
+
+    behavior = pl.concat(frames)
+    write_table(run.tables, "behavior", behavior)
+    return write_outcomes(run, compute_outcomes(outcome_scores(behavior), merge_lineages(config), "behavior"),
+                          "behavior")
+
+
 @flow(name="merge-eval", log_prints=True)
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
@@ -56,9 +153,19 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     run = RunDir(Path(run_dir or Path("runs") / config.name))
     run.write_config(config, Path(config_path))
     logger = get_run_logger()
-    model_dirs = dict(resolve_parents(config))
+    model_dirs = dict(resolve_parents(config, run))
+    preflight_task(model_dirs, config)
     lineages = merge_lineages(config)
     for i, lineage in enumerate(lineages, 1):
         logger.info("merge %d/%d: %s", i, len(lineages), lineage.model)
         model_dirs[lineage.model] = merge_task(lineage, model_dirs, run, config)
+    if config.similarity.weights:
+        weight_features_task(model_dirs, run, config)
+    behavior = []
+    for i, (name, folder) in enumerate(model_dirs.items(), 1):
+        logger.info("behaviour %d/%d: %s", i, len(model_dirs), name)
+        behavior.append(behavior_task(name, folder, run, config))
+    behavior_tables_task(behavior, run, config)
+    probing_task(model_dirs, run, config)
+    internals_outcomes_task(run, config)
     return str(run.root)

@@ -1,0 +1,141 @@
+"""The behaviour stage: lm-eval scores for one model, cached by content, turned into tidy rows.
+
+lm-eval runs in-process on the model `merging.checkpoints.load_model` loads, so behaviour sees the config's one
+precision (the seed paper scored behaviour in 4-bit but probed internals in full precision). Batch size and
+seeds are fixed by the config because lm-eval's scores depend on them. Metric names and `higher_is_better` come
+from lm-eval's result, never from a list here: every metric lm-eval reports becomes a row (IFEval has no `acc`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Sequence
+
+import polars as pl
+
+from evaluation.suites import get_suite, task_manager
+from merging.checkpoints import LoadOptions, content_digest, load_model
+from reports.tables import atomic_write_text
+
+CACHE_SUBDIR = "behavior"
+BEHAVIOR_SCHEMA = {"model": pl.String, "suite": pl.String, "task": pl.String, "group": pl.String,
+                   "level": pl.String, "metric": pl.String, "filter": pl.String, "value": pl.Float64,
+                   "stderr": pl.Float64, "n": pl.Int64, "higher_is_better": pl.Boolean}
+
+
+@dataclass(frozen=True)
+class BehaviorSettings:
+    """Everything besides the weights that a behaviour score depends on (the cache key's other half)."""
+
+    suites: tuple[str, ...] = ("offline",)
+    batch_size: int = 16
+    precision: str = "float32"
+    device: str = "cpu"
+    limit: int | None = None
+    seed: int = 0
+
+    def cache_key(self, model_digest: str) -> str:
+        parts = {"model": model_digest, "settings": asdict(self), "lm_eval": version("lm_eval"),
+                 "suites": {name: get_suite(name).digest() for name in self.suites}}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
+    """lm-eval's `simple_evaluate` on an in-memory model; returns its result made JSON-serialisable.
+
+    `tasks` picks tasks or groups inside the settings' suites (default: each suite whole).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable
+
+    suites = [get_suite(name) for name in settings.suites]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
+    result = simple_evaluate(
+        model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks]), task_manager=task_manager(suites),
+        limit=settings.limit, log_samples=False, random_seed=settings.seed,
+        numpy_random_seed=1234 + settings.seed, torch_random_seed=1234 + settings.seed,
+        fewshot_random_seed=1234 + settings.seed)
+    return json.loads(json.dumps(result, default=handle_non_serializable))
+
+
+def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path) -> dict:
+    """lm-eval's raw result for the checkpoint in `folder`, from `cache_dir` when its content was scored before.
+
+    The result carries `merge_eval` = {cache_key, wall_seconds} (the wall time of the scoring that made it).
+    """
+    key = settings.cache_key(content_digest(folder))
+    cached = Path(cache_dir) / CACHE_SUBDIR / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    started = time.perf_counter()
+    model, tokenizer = load_model(folder, options)
+    raw = evaluate(model, tokenizer, settings)
+    raw["merge_eval"] = {"cache_key": key, "wall_seconds": round(time.perf_counter() - started, 2),
+                         "settings": asdict(settings)}
+    text = json.dumps(raw, indent=1)
+    atomic_write_text(cached, text)
+    return json.loads(text)  # what a cache hit returns, to the type (tuples become lists)
+
+
+def _number(value: object) -> float | None:
+    """lm-eval writes 'N/A' for a stderr it could not compute: that is a missing number, not a string."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _leaves(name: str, children: dict[str, list[str]]) -> list[str]:
+    return [leaf for c in children[name] for leaf in _leaves(c, children)] if name in children else [name]
+
+
+def tidy(raw: dict, model: str) -> pl.DataFrame:
+    """One row per (task or group, metric, filter) in lm-eval's result: the `behavior` table's rows.
+
+    `group` is the task's parent group (null at the top); `level` says whether the row is a task or a group
+    aggregate; `n` is the number of scored items (summed over leaf tasks for a group).
+    """
+    children = raw.get("group_subtasks", {})
+    parent = {child: group for group, subs in children.items() for child in subs}
+    suite_of = {}
+    for suite in raw.get("merge_eval", {}).get("settings", {}).get("suites", ()):
+        for top in get_suite(suite).tasks:
+            suite_of |= {name: suite for name in _family(top, children)}
+    samples = raw.get("n-samples", {})
+    rows = []
+    for name, metrics in raw["results"].items():
+        hib = _higher_is_better(name, raw.get("higher_is_better", {}), children)
+        n = sum(samples.get(leaf, {}).get("effective", 0) for leaf in _leaves(name, children))
+        for key, value in metrics.items():
+            if "," not in key or key.split(",")[0].endswith("_stderr"):
+                continue  # alias/name/sample_len/sample_count bookkeeping, or the stderr of another row
+            metric, filter_ = key.split(",", 1)
+            rows.append({"model": model, "suite": suite_of.get(name), "task": name, "group": parent.get(name),
+                         "level": "group" if name in children else "task", "metric": metric, "filter": filter_,
+                         "value": _number(value), "stderr": _number(metrics.get(f"{metric}_stderr,{filter_}")),
+                         "n": n, "higher_is_better": hib.get(metric)})
+    return pl.DataFrame(rows, schema=BEHAVIOR_SCHEMA)
+
+
+def _family(name: str, children: dict[str, list[str]]) -> list[str]:
+    return [name, *(d for c in children.get(name, ()) for d in _family(c, children))]
+
+
+def _higher_is_better(name: str, table: dict[str, dict], children: dict[str, list[str]]) -> dict[str, bool]:
+    """lm-eval's direction per metric; a group missing one inherits it from its tasks (they agree by design)."""
+    found = dict(table.get(name, {}))
+    for leaf in _leaves(name, children):
+        for metric, direction in table.get(leaf, {}).items():
+            found.setdefault(metric, direction)
+    return found
+
+
+def outcome_scores(behavior: pl.DataFrame) -> pl.DataFrame:
+    """The behaviour table in `evaluation.outcomes.compute_outcomes`'s input shape (one row per key)."""
+    metric = pl.when(pl.col("filter") == "none").then(pl.col("metric")).otherwise(
+        pl.concat_str("metric", "filter", separator=","))
+    return behavior.select("model", "task", "level", metric.alias("metric"), "value", "stderr", "higher_is_better")

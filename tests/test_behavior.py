@@ -1,0 +1,111 @@
+"""Behaviour stage: our lm-eval wrapper against lm-eval's own CLI, tidy rows, the content cache, suite names."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from evaluation.behavior import BehaviorSettings, outcome_scores, score_model, tidy
+from evaluation.suites import SuiteError, get_suite, task_manager
+from merging.checkpoints import LoadOptions
+
+LIMIT = 3  # items per task: the tiny model is random, only agreement with the CLI matters
+
+
+@pytest.fixture(scope="module")
+def tiny_scores(tiny_family, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("behavior-cache")
+    settings = BehaviorSettings(suites=("offline",), batch_size=4, limit=LIMIT)
+    return score_model(tiny_family["base"], settings, LoadOptions(), cache), settings, cache
+
+
+def test_wrapper_equals_lm_eval_cli(tiny_family, tiny_scores, tmp_path):
+    raw, _, _ = tiny_scores
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={tiny_family['base']},dtype=float32", "--tasks", "merge_eval_offline",
+               "--include_path", str(get_suite("offline").include_path), "--batch_size", "4",
+               "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    cli = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert set(cli["results"]) == set(raw["results"]) and len(raw["results"]) == 15  # 10 tasks + 5 groups
+    for task, metrics in cli["results"].items():
+        numeric = {k: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
+        assert numeric, task
+        for key, value in numeric.items():
+            assert raw["results"][task][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, key)
+    assert cli["higher_is_better"] == raw["higher_is_better"]
+
+
+def test_tidy_keeps_every_metric_with_direction_stderr_and_n(tiny_scores):
+    raw, _, _ = tiny_scores
+    rows = tidy(raw, "base")
+    expected = sum(1 for m in raw["results"].values() for k in m if "," in k and "_stderr," not in k)
+    assert rows.height == expected
+    assert rows["higher_is_better"].null_count() == 0 and rows["value"].null_count() == 0
+    choice = rows.filter((pl.col("task") == "offline_math_choice"))
+    assert sorted(choice["metric"]) == ["acc", "acc_norm"]  # names read from lm-eval's result
+    greedy = rows.filter(pl.col("task") == "offline_math_greedy").row(0, named=True)
+    assert greedy["group"] == "offline_math" and greedy["level"] == "task" and greedy["n"] == LIMIT
+    assert greedy["stderr"] == pytest.approx(raw["results"]["offline_math_greedy"]["acc_stderr,none"])
+    top = rows.filter(pl.col("task") == "merge_eval_offline").row(0, named=True)
+    assert top["level"] == "group" and top["group"] is None and top["n"] == 10 * LIMIT
+    assert set(rows["suite"]) == {"offline"}
+    scores = outcome_scores(rows)
+    assert scores.select("model", "task", "level", "metric").is_unique().all()
+
+
+def test_cache_hits_by_content_and_misses_on_new_settings(tiny_family, tiny_scores, monkeypatch):
+    raw, settings, cache = tiny_scores
+    import evaluation.behavior as behavior
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cached model was loaded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(behavior, "load_model", no_loading)
+        again = score_model(tiny_family["base"], settings, LoadOptions(), cache)
+        assert again == raw
+        with pytest.raises(AssertionError, match="loaded again"):  # another model's content is not a hit
+            score_model(tiny_family["a"], settings, LoadOptions(), cache)
+        with pytest.raises(AssertionError, match="loaded again"):  # nor are other settings
+            score_model(tiny_family["base"], BehaviorSettings(batch_size=2, limit=LIMIT), LoadOptions(), cache)
+    assert settings.cache_key("x") != BehaviorSettings(suites=("offline",), batch_size=4, limit=LIMIT,
+                                                       precision="bfloat16").cache_key("x")
+
+
+def test_leaderboard_resolves_to_lm_evals_group_without_downloading():
+    suite = get_suite("leaderboard")
+    manager = task_manager([suite])
+    assert suite.tasks == ("leaderboard",) and "leaderboard" in manager.all_groups
+    subtasks = set(manager._entry("leaderboard").cfg["task"])
+    assert subtasks == {"leaderboard_mmlu_pro", "leaderboard_bbh", "leaderboard_gpqa", "leaderboard_math_hard",
+                        "leaderboard_ifeval", "leaderboard_musr"}
+    assert subtasks <= set(manager.all_tasks) | set(manager.all_groups)
+    with pytest.raises(SuiteError, match="unknown behaviour suite 'nope'"):
+        get_suite("nope")
+
+
+def test_unknown_suite_in_config_is_a_one_line_cli_error(tmp_path, capsys):
+    from flows.cli import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: bad\nmodels: [{name: base, source: embedded:base}]\nbase: base\n"
+                      "behavior: {suites: [offline, leaderbord]}\n")
+    assert main(["validate", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {config}: behavior.suites: unknown suite(s) 'leaderbord'; known: offline, leaderboard"]
+
+
+def test_outcome_scores_name_metrics_with_their_filter():
+    rows = pl.DataFrame({"model": ["m", "m"], "task": ["t", "t"], "level": ["task", "task"],
+                         "metric": ["exact_match", "exact_match"], "filter": ["none", "strict-match"],
+                         "value": [0.5, 0.25], "stderr": [0.1, None], "higher_is_better": [True, True]})
+    scores = outcome_scores(rows)
+    assert scores["metric"].to_list() == ["exact_match", "exact_match,strict-match"]
+    assert math.isclose(scores["value"][1], 0.25)

@@ -1,0 +1,97 @@
+"""Capture: pooled layer ℓ equals HF output_hidden_states[ℓ] pooled (fp32, 1e-5), on both hook backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merging.checkpoints import LoadOptions, load_model
+from probing.capture import (CaptureError, LayerRunner, Request, cached_capture, capture, task_features,
+                             task_requests)
+from probing.holmes import write_task
+
+TEXTS = ["the cat sat on the mat", "a bird sings", "we walked home in the park today"]
+REQUESTS = [Request(TEXTS[0], "mean"), Request(TEXTS[0], "last"), Request(TEXTS[0], "span", 4, 7),
+            Request(TEXTS[1], "span", 2, 12), Request(TEXTS[2], "mean"), Request(TEXTS[2], "span", 10, 21)]
+
+
+def reference(folder, requests, options=LoadOptions()):
+    """Pool HF output_hidden_states one text at a time (no padding); layer L from a hook on the last block, since
+    HF's last hidden state is after the final norm and ours (by definition) is before it."""
+    model, tokenizer = load_model(folder, options, attn_implementation="eager")
+    last_block = {}
+    model.base_model.layers[-1].register_forward_hook(
+        lambda mod, args, out: last_block.update(h=out[0] if isinstance(out, tuple) else out))
+    out = []
+    for r in requests:
+        enc = tokenizer(r.text, return_offsets_mapping=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(input_ids=enc.input_ids, output_hidden_states=True).hidden_states
+        offsets = enc.offset_mapping[0]
+        if r.kind == "mean":
+            mask = offsets[:, 1] > offsets[:, 0]
+        elif r.kind == "last":
+            mask = torch.zeros(len(offsets), dtype=torch.bool)
+            mask[-1] = True
+        else:
+            mask = (offsets[:, 0] < r.end) & (offsets[:, 1] > r.start)
+        layers = [*hidden[:-1], last_block["h"]]
+        out.append(torch.stack([h[0][mask].mean(0) for h in layers]))
+        final = model.base_model.norm(last_block["h"])
+        assert torch.allclose(final, hidden[-1], atol=1e-5)  # the documented caveat: HF's last = normed last block
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("backend", ["transformer-lens", "torch-hooks"])
+def test_capture_equals_hf_hidden_states(tiny_family, backend):
+    runner = LayerRunner(*load_model(tiny_family["a"], LoadOptions()))
+    assert runner.backend == "transformer-lens"
+    if backend == "torch-hooks":
+        runner.bridge = None
+    pooled = capture(runner, REQUESTS, batch_size=2)
+    expected = reference(tiny_family["a"], REQUESTS)
+    assert pooled.shape == (4, len(REQUESTS), 32)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_equals_hf_on_real_model():
+    from merging.family import build_family
+
+    base = build_family(("base",))["base"]
+    requests = REQUESTS[:4]
+    runner = LayerRunner(*load_model(base, LoadOptions()))
+    pooled = capture(runner, requests, batch_size=4)
+    assert pooled.shape == (31, len(requests), 576)
+    expected = reference(base, requests)
+    scale = expected.abs().amax(-1, keepdim=True)  # the residual norm grows to ~1e4: compare relative to it
+    assert ((pooled - expected).abs() / scale).max() < 1e-5
+
+
+def test_span_cut_off_by_max_length_is_a_clear_error(tiny_family):
+    runner = LayerRunner(*load_model(tiny_family["base"], LoadOptions()))
+    with pytest.raises(CaptureError, match="no token covers span"):
+        capture(runner, [Request(TEXTS[2], "span", 25, 30)], max_length=3)
+
+
+def test_pair_items_concatenate_and_cache_round_trips(tmp_path, tiny_family):
+    items = [{"inputs": [("cat", 0, 4, 7), ("mat", 1, 2, 5)], "context": ["the cat sat", "a mat"], "label": i % 2,
+              "split": "train"} for i in range(2)]
+    from probing.holmes import read_task
+
+    task = read_task(write_task(tmp_path / "t", "t", "syntax", "SENTENCE_PAIR_TOKENS_BI", ["a", "b"], items))
+    requests, index = task_requests(task)
+    assert len(requests) == 2 and index.tolist() == [[0, 1], [0, 1]]  # identical items share their requests
+    runner = LayerRunner(*load_model(tiny_family["base"], LoadOptions()))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return capture(runner, requests)
+
+    first = cached_capture(tmp_path / "cache", "k", compute, {"task": "t"})
+    again = cached_capture(tmp_path / "cache", "k", compute, {"task": "t"})
+    assert len(calls) == 1 and torch.equal(first, again)
+    features = task_features(first, index)
+    assert features.shape == (4, 2, 64)
+    np.testing.assert_array_equal(features[:, 0, 32:], first[:, 1])
