@@ -146,7 +146,7 @@ def behavior_tables_task(frames: list[pl.DataFrame], run: RunDir, config: Experi
                           "behavior")
 
 
-@flow(name="merge-eval", log_prints=True)
+@flow(name="merge-eval")
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
     config = load_config(config_path)

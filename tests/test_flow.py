@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
 import pytest
 import yaml
 
@@ -32,14 +33,14 @@ def tiny_config(tiny_family, tmp_path):
                    "methods": [{"method": "linear", "parameters": {"weight": 0.5}},
                                {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
         "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_size": 16},
+        "probing": {"seeds": [0], "batch_size": 16, "tasks": ["noun_number", "tense"]},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tmp_path):
+def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path):
     from flows.pipeline import merge_eval
 
     run = RunDir(tmp_path / "run")
@@ -54,6 +55,16 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tmp
     assert manifests["a+b/dare_ties"]["base"] == "base" and manifests["a+b/linear"]["base"] is None
     assert (run.models / "a").is_symlink(), "parents are referenced, not copied"
     assert (run.models / "a").resolve() == tiny_family["a"].resolve()
+
+    models = {"base", "a", "b", "a+b/linear", "a+b/dare_ties"}
+    tables = {name: pl.read_parquet(run.tables / f"{name}.parquet")
+              for name in ["behavior", "probes", "similarity", "outcomes"]}
+    assert set(tables["behavior"]["model"]) == models == set(tables["probes"]["model"])
+    assert set(tables["probes"]["task"]) == {"noun_number", "tense"}
+    assert tables["probes"]["layer"].n_unique() == 4  # embeddings + 3 blocks of the tiny model
+    assert set(tables["outcomes"]["kind"]) == {"behavior", "internals"}
+    assert set(tables["outcomes"]["model"]) == {"a+b/linear", "a+b/dare_ties"}
+    assert {"cosine", "kinship_pearson"} <= set(tables["similarity"]["feature"])
 
     merge_eval(config_path=str(tiny_config), run_dir=str(run.root))
     for name, manifest in manifests.items():
