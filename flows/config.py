@@ -108,7 +108,6 @@ class ProbingSpec(Strict):
 
 class SimilaritySpec(Strict):
     weights: bool = True
-    functional: bool = True
 
 
 class ExperimentConfig(Strict):

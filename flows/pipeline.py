@@ -20,7 +20,7 @@ from merging.checkpoints import LoadOptions, resolve_source
 from merging.merge import MergeLineage, merge
 from merging.preflight import preflight
 from merging.weight_features import cached_weight_features
-from reports.tables import atomic_write_text, read_table, write_table
+from reports.tables import atomic_write_text, read_table, replace_rows, write_table
 
 
 def merge_lineages(config: ExperimentConfig) -> list[MergeLineage]:
@@ -71,10 +71,7 @@ def weight_features_task(model_dirs: dict[str, Path], run: RunDir, config: Exper
     rows, cached = cached_weight_features(model_dirs, config.base, run.cache, groups)
     get_run_logger().info("weight features: %d rows for %d models%s", rows.height, len(model_dirs),
                           " (cached)" if cached else "")
-    existing = read_table(run.tables, "similarity")
-    if existing is not None and "source" in existing.columns:
-        rows = pl.concat([existing.filter(pl.col("source") != "weights"), rows], how="diagonal_relaxed")
-    return write_table(run.tables, "similarity", rows)
+    return replace_rows(run.tables, "similarity", rows, "source", "weights")
 
 
 @task(name="probing", cache_policy=NO_CACHE)
@@ -102,15 +99,7 @@ def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
 
     rows = compute_outcomes(internals_scores(read_table(run.tables, "probes")), merge_lineages(config),
                             kind="internals")
-    return write_outcomes(run, rows, "internals")
-
-
-def write_outcomes(run: RunDir, rows: pl.DataFrame, kind: str) -> Path:
-    """outcomes.parquet holds every kind: replace this kind's rows, keep the others'."""
-    existing = read_table(run.tables, "outcomes")
-    if existing is not None:
-        rows = pl.concat([existing.filter(pl.col("kind") != kind), rows], how="diagonal_relaxed")
-    return write_table(run.tables, "outcomes", rows)
+    return replace_rows(run.tables, "outcomes", rows, "kind", "internals")
 
 
 def behavior_settings(config: ExperimentConfig):
@@ -142,8 +131,9 @@ def behavior_tables_task(frames: list[pl.DataFrame], run: RunDir, config: Experi
 
     behavior = pl.concat(frames)
     write_table(run.tables, "behavior", behavior)
-    return write_outcomes(run, compute_outcomes(outcome_scores(behavior), merge_lineages(config), "behavior"),
-                          "behavior")
+    return replace_rows(run.tables, "outcomes",
+                        compute_outcomes(outcome_scores(behavior), merge_lineages(config), "behavior"),
+                        "kind", "behavior")
 
 
 @flow(name="merge-eval")

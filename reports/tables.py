@@ -66,6 +66,15 @@ def write_table(tables_dir: Path, name: str, frame: pl.DataFrame) -> Path:
     return write_parquet(frame, Path(tables_dir) / f"{name}.parquet")
 
 
+def replace_rows(tables_dir: Path, name: str, frame: pl.DataFrame, column: str, value: str) -> Path:
+    """Write `frame` as the rows of table `name` whose `column` equals `value`, keeping every other row: tables
+    that several stages fill (outcomes by kind, similarity by source) are updated one stage at a time."""
+    existing = read_table(tables_dir, name)
+    if existing is not None and column in existing.columns:
+        frame = pl.concat([existing.filter(pl.col(column) != value), frame], how="diagonal_relaxed")
+    return write_table(tables_dir, name, frame)
+
+
 def read_table(tables_dir: Path, name: str) -> pl.DataFrame | None:
     path = Path(tables_dir) / f"{name}.parquet"
     return pl.read_parquet(path) if path.is_file() else None
