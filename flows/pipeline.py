@@ -82,7 +82,7 @@ def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentCon
 
     logger = get_run_logger()
     spec = config.probing
-    tasks = load_tasks(spec.data, spec.tasks)
+    tasks = load_tasks(spec.data, spec.tasks, warn=logger.warning)
     frames = []
     for i, (name, folder) in enumerate(model_dirs.items(), 1):
         logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))

@@ -1,8 +1,15 @@
-"""Holmes / FlashHolmes dataset folders: `samples.csv` + `config-<control>.yaml` (see HOLMES-FORMAT.md).
+"""Holmes / FlashHolmes dataset folders: `samples.csv` + `config-<control>.yaml` (see docs/HOLMES.md).
 
-Holmes parses the `inputs` and `context` cells with `eval`; we use `ast.literal_eval`, which accepts Python
-literals only, so a cell such as `__import__('os').system(...)` is rejected as a malformed row instead of run.
-Every malformed row raises `HolmesError` naming the file, the row (1-based, header = row 1) and the reason.
+The reader accepts what Holmes's own loader accepts: columns found by name in any order (`id` optional, as Holmes
+falls back to the row index), `context` empty for sentence tasks (Holmes never parses it for them), tuples or lists
+as input literals, any of the seven probe task types and the config keys real configs carry. Holmes parses cells
+with `eval`; we use `ast.literal_eval`, which accepts Python literals only, so a cell such as
+`__import__('os').system(...)` is rejected as a malformed row instead of run. Every malformed row raises
+`HolmesError` naming the file, the row (1-based, header = row 1) and the reason.
+
+A task's name is its dataset folder name, the name Holmes's leaderboard uses (its `probe_name`, e.g.
+`probe-blimp-causative`, is only an internal run label). The phenomenon comes from a `phenomenon` config key (the
+bundled suite) or else from holmes_phenomena.csv, Holmes's per-dataset labels; any other dataset is "unknown".
 """
 
 from __future__ import annotations
@@ -11,13 +18,18 @@ import ast
 import csv
 import hashlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 COLUMNS = ("inputs", "context", "topic", "org_label", "set-0", "string_label", "label", "id")
+REQUIRED_COLUMNS = ("inputs", "context", "set-0", "label")
 SPLITS = ("train", "dev", "test")
+PHENOMENA = ("morphology", "syntax", "semantics", "reasoning", "discourse")
+UNKNOWN = "unknown"
+PHENOMENA_FILE = Path(__file__).with_name("holmes_phenomena.csv")
 # Holmes probe_task_type -> the short probe type of the probes.parquet contract.
 PROBE_TYPES = {
     "SENTENCE": "sentence",
@@ -29,6 +41,7 @@ PROBE_TYPES = {
     "SENTENCE_PAIR_TOKENS_CROSS": "token_pair",
 }
 SPAN_TASK_TYPES = {"SENTENCE_TOKENS", "SENTENCE_SPANS", "SENTENCE_PAIR_TOKENS_BI", "SENTENCE_PAIR_TOKENS_CROSS"}
+CONTROL_TASK_TYPES = ("NONE", "PERMUTATION", "RANDOMIZATION", "RANDOM_WEIGHTS")
 
 
 class HolmesError(ValueError):
@@ -47,16 +60,17 @@ class Span:
 
 @dataclass(frozen=True)
 class ProbingTask:
-    name: str
-    phenomenon: str
+    name: str  # the dataset folder name
+    phenomenon: str  # one of PHENOMENA, or UNKNOWN
     task_type: str  # a Holmes probe_task_type
     label_names: tuple[str, ...]  # empty for regression
-    contexts: tuple[tuple[str, ...], ...]
+    contexts: tuple[tuple[str, ...], ...]  # per item; empty for sentence tasks (their inputs are the text)
     inputs: tuple[tuple, ...]  # per item: sentences (str) or Span elements
     labels: np.ndarray  # int64 class indices, or float64 targets for regression
     splits: np.ndarray  # "train" | "dev" | "test"
     ids: tuple[str, ...]
     digest: str  # sha256 of the folder's samples.csv and config: the capture/probe cache key
+    competence: str = ""  # Holmes's finer label (e.g. "determiner noun agreement"), "" where unknown
 
     @property
     def probe_type(self) -> str:
@@ -74,19 +88,44 @@ class ProbingTask:
         return self.splits == split
 
 
+@dataclass(frozen=True)
+class Phenomenon:
+    phenomenon: str
+    competence: str
+    probe_type: str
+    flash_holmes: bool
+
+
+@cache
+def phenomenon_map() -> dict[str, Phenomenon]:
+    """holmes_phenomena.csv: Holmes/FlashHolmes dataset name -> its phenomenon and competence (source in the file)."""
+    with PHENOMENA_FILE.open(newline="", encoding="utf-8") as handle:
+        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
+        return {r["dataset"]: Phenomenon(r["phenomenon"], r["competence"], r["probe_type"], r["flash_holmes"] == "1")
+                for r in rows}
+
+
+def unknown_datasets(tasks: list[ProbingTask]) -> list[str]:
+    """Names of tasks no phenomenon is known for, to be reported once per run."""
+    return sorted(t.name for t in tasks if t.phenomenon == UNKNOWN)
+
+
 def _config_path(folder: Path) -> Path:
+    """config-none.yaml, else the first config-*-none.yaml (pair folders may ship config-bi-none.yaml and
+    config-cross-none.yaml; _BI sorts first), else the first config-*.yaml. merge-eval's own controls replace
+    Holmes's control variants, so only the probe type and label count matter."""
     preferred = folder / "config-none.yaml"
     if preferred.is_file():
         return preferred
     found = sorted(folder.glob("config-*.yaml"))
     if not found:
         raise HolmesError(f"{folder}: no config-none.yaml (or other config-*.yaml) found")
-    return found[0]
+    return next((p for p in found if p.stem.endswith("-none")), found[0])
 
 
 def _read_config(path: Path) -> dict:
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise HolmesError(f"{path}: YAML error: {str(error).splitlines()[0]}") from None
     if not isinstance(config, dict):
@@ -97,10 +136,17 @@ def _read_config(path: Path) -> dict:
     num_labels = config.get("num_labels")
     if not isinstance(num_labels, int) or num_labels < 1:
         raise HolmesError(f"{path}: num_labels={num_labels!r} must be a positive integer (1 = regression)")
+    control = config.get("control_task_type", "NONE")
+    if control not in CONTROL_TASK_TYPES:
+        raise HolmesError(f"{path}: control_task_type={control!r} is not one of {', '.join(CONTROL_TASK_TYPES)}")
+    if "phenomenon" in config and config["phenomenon"] not in PHENOMENA:
+        raise HolmesError(f"{path}: phenomenon={config['phenomenon']!r} is not one of {', '.join(PHENOMENA)}")
     return config
 
 
 def _literal(cell: str, field: str, where: str) -> object:
+    if not cell.strip():
+        raise HolmesError(f"{where}: {field} is empty")
     try:
         return ast.literal_eval(cell)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
@@ -108,7 +154,11 @@ def _literal(cell: str, field: str, where: str) -> object:
         raise HolmesError(f"{where}: {field} is not a Python literal ({type(error).__name__}): {shown!r}") from None
 
 
-def _span(element: object, contexts: tuple[str, ...], where: str) -> Span:
+def _span(element: object, contexts: tuple[str, ...], task_type: str, where: str) -> Span:
+    if task_type == "SENTENCE_SPANS" and isinstance(element, (tuple, list)) and len(element) == 5:
+        # Holmes's grouped spans (text, context_index, start, end, group): one mean per group; capture pools
+        # each span on its own, so these would be probed differently from Holmes. Refused rather than misread.
+        raise HolmesError(f"{where}: grouped SENTENCE_SPANS inputs (5-tuples) are not supported: {element!r}")
     if not (isinstance(element, (tuple, list)) and len(element) == 4 and isinstance(element[0], str)
             and all(isinstance(v, int) for v in element[1:])):
         raise HolmesError(f"{where}: inputs element {element!r} is not (text, context_index, char_start, char_end)")
@@ -121,24 +171,31 @@ def _span(element: object, contexts: tuple[str, ...], where: str) -> Span:
     return Span(text, index, start, end)
 
 
-def _parse_row(row: dict, task_type: str, where: str) -> tuple[tuple[str, ...], tuple]:
-    contexts = _literal(row["context"], "context", where)
+def _contexts(cell: str, task_type: str, where: str) -> tuple[str, ...]:
+    """The sentences spans index into; Holmes parses `context` only for span tasks, so only they need one."""
+    if not cell.strip():
+        raise HolmesError(f"{where}: context is empty, but {task_type} inputs are spans into it")
+    contexts = _literal(cell, "context", where)
     if isinstance(contexts, str):
         contexts = [contexts]
     if not (isinstance(contexts, (list, tuple)) and contexts and all(isinstance(c, str) for c in contexts)):
         raise HolmesError(f"{where}: context must be a non-empty list of strings")
-    contexts = tuple(contexts)
+    return tuple(contexts)
+
+
+def _parse_row(row: dict, task_type: str, where: str) -> tuple[tuple[str, ...], tuple]:
     inputs = _literal(row["inputs"], "inputs", where)
     if not isinstance(inputs, (list, tuple)) or not inputs:
-        raise HolmesError(f"{where}: inputs must be a non-empty list")
+        raise HolmesError(f"{where}: inputs must be a non-empty list or tuple")
     if task_type in SPAN_TASK_TYPES:
-        return contexts, tuple(_span(e, contexts, where) for e in inputs)
+        contexts = _contexts(row["context"], task_type, where)
+        return contexts, tuple(_span(e, contexts, task_type, where) for e in inputs)
     if not all(isinstance(e, str) and e.strip() for e in inputs):
         raise HolmesError(f"{where}: inputs of a {task_type} task must be non-empty strings")
     expected = 2 if "PAIR" in task_type else 1
     if len(inputs) != expected:
         raise HolmesError(f"{where}: {task_type} needs {expected} input sentence(s), got {len(inputs)}")
-    return contexts, tuple(inputs)
+    return (), tuple(inputs)
 
 
 def _label(row: dict, num_labels: int, where: str) -> float:
@@ -146,15 +203,51 @@ def _label(row: dict, num_labels: int, where: str) -> float:
         value = float(row["label"])
     except ValueError:
         raise HolmesError(f"{where}: label {row['label']!r} is not a number") from None
-    if num_labels > 1 and (value != int(value) or not 0 <= value < num_labels):
-        raise HolmesError(f"{where}: label {row['label']!r} is not a class index in [0, {num_labels})")
     if not np.isfinite(value):
         raise HolmesError(f"{where}: label {row['label']!r} is not finite")
+    if num_labels > 1 and (value != int(value) or not 0 <= value < num_labels):
+        raise HolmesError(f"{where}: label {row['label']!r} is not a class index in [0, {num_labels})")
     return value
 
 
+def _read_rows(samples: Path, task_type: str, num_labels: int) -> list[tuple]:
+    """(id, contexts, inputs, label, split, string_label) per row, in file order."""
+    # The standard csv module, not pandas: it keeps every cell a string (no NaN, no float ids), which is what
+    # the literal parsing and the row-numbered errors need.
+    with samples.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, restval="")
+        header = reader.fieldnames or []
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise HolmesError(f"{samples}: missing column(s) {missing}")
+        rows = []
+        for index, row in enumerate(reader):
+            where = f"{samples}: row {index + 2}"
+            if None in row:
+                raise HolmesError(f"{where}: {len(header) + len(row[None])} cells, the header has {len(header)}")
+            if row["set-0"] not in SPLITS:
+                raise HolmesError(f"{where}: set-0={row['set-0']!r} is not one of {', '.join(SPLITS)}")
+            row_id = row["id"] if "id" in row else str(index)  # Holmes: no id column -> the row index
+            if not row_id:
+                raise HolmesError(f"{where}: id is empty")
+            contexts, inputs = _parse_row(row, task_type, where)
+            rows.append((row_id, contexts, inputs, _label(row, num_labels, where), row["set-0"],
+                         row.get("string_label", "")))
+    if not rows:
+        raise HolmesError(f"{samples}: no rows")
+    return rows
+
+
+def _phenomenon(name: str, config: dict) -> tuple[str, str]:
+    """(phenomenon, competence): the config's own key (the bundled suite), else Holmes's label, else unknown."""
+    if "phenomenon" in config:
+        return str(config["phenomenon"]), str(config.get("competence", ""))
+    known = phenomenon_map().get(name)
+    return (known.phenomenon, known.competence) if known else (UNKNOWN, "")
+
+
 def read_task(folder: str | Path) -> ProbingTask:
-    """One Holmes dataset folder -> ProbingTask, rows sorted by `id` as Holmes does."""
+    """One Holmes dataset folder -> ProbingTask named after the folder, rows sorted by `id` as Holmes does."""
     folder = Path(folder)
     samples = folder / "samples.csv"
     if not samples.is_file():
@@ -162,48 +255,49 @@ def read_task(folder: str | Path) -> ProbingTask:
     config_path = _config_path(folder)
     config = _read_config(config_path)
     task_type, num_labels = config["probe_task_type"], config["num_labels"]
-    raw = samples.read_bytes()
-    with samples.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in ("inputs", "context", "set-0", "label", "id") if c not in (reader.fieldnames or ())]
-        if missing:
-            raise HolmesError(f"{samples}: missing column(s) {missing}")
-        rows = []
-        for number, row in enumerate(reader, start=2):
-            where = f"{samples}: row {number}"
-            if row["set-0"] not in SPLITS:
-                raise HolmesError(f"{where}: set-0={row['set-0']!r} is not one of {', '.join(SPLITS)}")
-            contexts, inputs = _parse_row(row, task_type, where)
-            rows.append((row["id"], contexts, inputs, _label(row, num_labels, where), row["set-0"],
-                         row.get("string_label", "")))
-    if not rows:
-        raise HolmesError(f"{samples}: no rows")
+    rows = _read_rows(samples, task_type, num_labels)
     rows.sort(key=lambda r: (int(r[0]), r[0]) if r[0].isdigit() else (float("inf"), r[0]))
     label_names: tuple[str, ...] = ()
     if num_labels > 1:
         names = {int(r[3]): r[5] or str(int(r[3])) for r in rows}
         label_names = tuple(names.get(i, str(i)) for i in range(num_labels))
     labels = np.array([r[3] for r in rows], dtype=np.float64 if num_labels == 1 else np.int64)
-    digest = hashlib.sha256(raw + b"\0" + config_path.read_bytes()).hexdigest()
-    return ProbingTask(name=str(config.get("probe_name") or folder.name), phenomenon=str(config.get("phenomenon",
-                       "unknown")), task_type=task_type, label_names=label_names,
+    digest = hashlib.sha256(samples.read_bytes() + b"\0" + config_path.read_bytes()).hexdigest()
+    phenomenon, competence = _phenomenon(folder.name, config)
+    return ProbingTask(name=folder.name, phenomenon=phenomenon, task_type=task_type, label_names=label_names,
                        contexts=tuple(r[1] for r in rows), inputs=tuple(r[2] for r in rows), labels=labels,
-                       splits=np.array([r[4] for r in rows]), ids=tuple(r[0] for r in rows), digest=digest)
+                       splits=np.array([r[4] for r in rows]), ids=tuple(r[0] for r in rows), digest=digest,
+                       competence=competence)
 
 
-def find_tasks(root: str | Path, names: list[str] | None = None) -> list[ProbingTask]:
-    """Every dataset folder under `root` (a folder holding samples.csv), or only those named."""
+def dataset_folders(root: str | Path) -> dict[str, Path]:
+    """Task name (folder name) -> folder, for every folder under `root` holding a samples.csv; a name found
+    twice is an error, since the name is how config, tables and `merge-eval probes` refer to a task."""
     root = Path(root)
     if not root.is_dir():
         raise HolmesError(f"{root}: probing data folder not found")
-    folders = {p.parent.name: p.parent for p in sorted(root.rglob("samples.csv"))}
+    found: dict[str, list[Path]] = {}
+    for samples in sorted(root.rglob("samples.csv")):
+        found.setdefault(samples.parent.name, []).append(samples.parent)
+    clashes = {name: folders for name, folders in found.items() if len(folders) > 1}
+    if clashes:
+        name, folders = next(iter(clashes.items()))
+        more = f" (and {len(clashes) - 1} more names)" if len(clashes) > 1 else ""
+        raise HolmesError(f"{root}: two datasets named {name!r}: {folders[0]} and {folders[1]}{more}; a task is "
+                          "named by its folder, so point probing.data at one of the trees or rename one")
+    if not found:
+        raise HolmesError(f"{root}: no Holmes datasets (folders with samples.csv) found")
+    return {name: folders[0] for name, folders in found.items()}
+
+
+def find_tasks(root: str | Path, names: list[str] | None = None) -> list[ProbingTask]:
+    """Every dataset folder under `root`, or only those named (by folder name)."""
+    folders = dataset_folders(root)
     if names is not None:
         unknown = [n for n in names if n not in folders]
         if unknown:
             raise HolmesError(f"{root}: unknown probing task(s) {unknown}; known: {', '.join(sorted(folders))}")
         folders = {n: folders[n] for n in names}
-    if not folders:
-        raise HolmesError(f"{root}: no Holmes datasets (folders with samples.csv) found")
     return [read_task(folder) for folder in folders.values()]
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +22,23 @@ import torch
 from merging.checkpoints import LoadOptions, content_digest, load_model
 from probing.build_suite import SUITE_DIR
 from probing.capture import LayerRunner, cached_capture, capture, capture_key, task_features, task_requests
-from probing.holmes import ProbingTask, Span, find_tasks
+from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_tasks, unknown_datasets
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from reports.tables import write_parquet
 
 PROBE_VERSION = "1"
 
 
-def load_tasks(data: str, names: list[str] | None = None) -> list[ProbingTask]:
-    """The config's `probing.data`: "bundled" (probing/suite) or a folder of Holmes/FlashHolmes datasets."""
-    return find_tasks(SUITE_DIR if data == "bundled" else Path(data).expanduser(), names)
+def load_tasks(data: str, names: list[str] | None = None,
+               warn: Callable[[str], None] = logging.getLogger(__name__).warning) -> list[ProbingTask]:
+    """The config's `probing.data`: "bundled" (probing/suite) or a folder of Holmes/FlashHolmes datasets.
+    Datasets with no known phenomenon are reported once, in one `warn` line (the flow passes its run logger)."""
+    tasks = find_tasks(SUITE_DIR if data == "bundled" else Path(data).expanduser(), names)
+    unknown = unknown_datasets(tasks)
+    if unknown:
+        warn(f"{len(unknown)} probing dataset(s) with no known phenomenon (not in {PHENOMENA_FILE.name}; scored "
+             f"as the group {UNKNOWN!r}): {', '.join(unknown)}")
+    return tasks
 
 
 def control_keys(task: ProbingTask) -> list[str]:

@@ -93,3 +93,12 @@ def real_family() -> dict[str, Path]:
     from merging.family import build_family
 
     return build_family()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow-level test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

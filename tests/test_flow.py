@@ -12,14 +12,6 @@ from flows.cli import main
 from flows.run_store import RunDir
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def tiny_config(tiny_family, tmp_path):
     config = {
