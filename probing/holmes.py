@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from reports.errors import UserError
+
 COLUMNS = ("inputs", "context", "topic", "org_label", "set-0", "string_label", "label", "id")
 SPLITS = ("train", "dev", "test")
 # Holmes probe_task_type -> the short probe type of the probes.parquet contract.
@@ -31,7 +33,7 @@ PROBE_TYPES = {
 SPAN_TASK_TYPES = {"SENTENCE_TOKENS", "SENTENCE_SPANS", "SENTENCE_PAIR_TOKENS_BI", "SENTENCE_PAIR_TOKENS_CROSS"}
 
 
-class HolmesError(ValueError):
+class HolmesError(UserError):
     """A Holmes dataset folder that cannot be read; the message names the file, row and reason."""
 
 
