@@ -178,7 +178,9 @@ def load_model(folder: Path, options: LoadOptions, attn_implementation: str | No
     """(model, tokenizer) in the config's precision on its device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weight_files(Path(folder), options.allow_pickle)
+    problems = checkpoint_problems(Path(folder), options.allow_pickle, options.trust_remote_code)
+    if problems:
+        raise CheckpointError("\n".join(problems))
     kwargs = {"dtype": options.dtype, "trust_remote_code": options.trust_remote_code,
               "use_safetensors": None if options.allow_pickle else True}
     if attn_implementation:

@@ -22,7 +22,7 @@ import psutil
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
 from reports.errors import UserError, is_disk_full, naming_full_disk
-from reports.tables import CACHE_LOG, read_cached, temp_dir
+from reports.tables import CACHE_LOG, follow_umask, read_cached, temp_dir
 
 MANIFEST = "manifest.json"
 
@@ -127,6 +127,7 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
                 "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
             }
             (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            follow_umask(build)
         except BaseException:  # interrupted or failed: no half-built folder stays behind
             shutil.rmtree(build, ignore_errors=True)
             raise

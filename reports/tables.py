@@ -83,6 +83,14 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the umask's modes: libraries that build a folder for us (mergekit)
+    write some files through mkstemp (0600) and copy others with their source's mode."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(directory=path.is_dir()))
+
+
 def read_cached(path: Path, load: Callable[[Path], T]) -> T | None:
     """`load(path)` for a cache entry, or None on a miss. An entry that fails to load (cut short by a full disk or
     a killed copy, corrupted) is logged naming the file, removed, and treated as a miss: the caller recomputes it.
