@@ -20,7 +20,7 @@ import polars as pl
 
 from evaluation.suites import get_suite, task_manager
 from merging.checkpoints import LoadOptions, content_digest, load_model
-from reports.tables import atomic_write_text
+from reports.tables import atomic_write_text, read_cached
 
 CACHE_SUBDIR = "behavior"
 BEHAVIOR_SCHEMA = {"model": pl.String, "suite": pl.String, "task": pl.String, "group": pl.String,
@@ -72,8 +72,8 @@ def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, 
     """
     key = settings.cache_key(content_digest(folder))
     cached = Path(cache_dir) / CACHE_SUBDIR / f"{key}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
+    if (hit := read_cached(cached, lambda path: json.loads(path.read_text()))) is not None:
+        return hit
     started = time.perf_counter()
     model, tokenizer = load_model(folder, options)
     raw = evaluate(model, tokenizer, settings)

@@ -7,13 +7,17 @@ genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from flows.config import ConfigError, load_config
+from flows.validate import validate_config
+from reports.errors import UserError, describe, is_disk_full
 
 USAGE_ERROR = 2
+PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
 
 
 def _offline_defaults() -> None:
@@ -22,33 +26,52 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Prefect's default 20 s for its temporary in-process server is too short on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from merging.checkpoints import CheckpointError
-    from merging.family import FamilyError
-    from merging.merge import MergeError
-    from merging.preflight import PreflightError
-    from probing.capture import CaptureError
-    from probing.holmes import HolmesError
-    from probing.inspect import ProbesError
-
-    return ConfigError, CheckpointError, FamilyError, MergeError, PreflightError, HolmesError, CaptureError, ProbesError
+    # Servers listen on the loopback interface only, whatever Prefect's own defaults become.
+    os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")
+    os.environ.setdefault("PREFECT_RUNNER_SERVER_HOST", "127.0.0.1")
+    # Stage code logs through the standard library (it knows nothing of Prefect); show it in the flow's log.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "merge_eval")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config, _ = validate_config(args.config, args.run_dir)
     print(f"{args.config}: ok ({len(config.models)} models, {len(config.merge_names)} merges)")
     return 0
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow with the exception's traceback; a `UserError`'s message is the whole
+    story (the CLI prints it again as its `error:` lines), so its records keep the message and lose the stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    load_config(args.config)  # fail fast, before Prefect starts its server
+    config, run_dir = validate_config(args.config, args.run_dir)  # fail fast, before Prefect starts its server
     from flows.pipeline import merge_eval
 
-    run_dir = merge_eval(config_path=str(args.config), run_dir=str(args.run_dir) if args.run_dir else None)
+    for name in PREFECT_RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    fresh = not run_dir.exists()
+    try:
+        merge_eval(config_path=str(args.config), run_dir=str(run_dir))
+    except UserError:
+        if fresh:
+            _discard_if_nothing_made(run_dir)
+        raise
     print(f"results in {run_dir}")
     return 0
+
+
+def _discard_if_nothing_made(run_dir: Path) -> None:
+    """Remove a run directory this run created when it failed before making anything but its config.yaml and
+    links to the parents; anything more (a merge, a cache entry) is kept for the next run to resume from."""
+    made = [p for p in run_dir.rglob("*") if not (p.is_symlink() or p.is_dir() or p == run_dir / "config.yaml")]
+    if not made:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def cmd_probes(args: argparse.Namespace) -> int:
@@ -70,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check a config; exit 2 with one line per problem")
     validate.add_argument("config", type=Path)
+    validate.add_argument("--run-dir", type=Path, default=None, help="checked for writing; default: runs/<name>/")
     validate.set_defaults(handler=cmd_validate)
     run = commands.add_parser("run", help="run the whole pipeline (a Prefect flow, in-process)")
     run.add_argument("config", type=Path)
@@ -90,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except _user_errors() as error:
-        problems = getattr(error, "problems", None) or [str(error)]
-        for line in problems:
-            print(f"error: {line}", file=sys.stderr)
-        return USAGE_ERROR
+    except UserError as error:
+        lines = error.lines()
+    except OSError as error:  # a full disk outside our writers (a library's own file): say so, no traceback
+        if not is_disk_full(error):
+            raise
+        lines = [f"no space left on device ({describe(error)})"]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.methods import METHODS
+from reports.errors import UserError
 
 Precision = Literal["float32", "bfloat16", "float16"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; `problems` holds one human-readable line per mistake."""
 
     def __init__(self, problems: list[str]):

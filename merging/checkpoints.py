@@ -13,13 +13,17 @@ from pathlib import Path
 
 import torch
 
+from reports.errors import UserError
+
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DIGEST_PREFIX = ".merge-eval-digest"
 _DIGEST_FILE = f"{_DIGEST_PREFIX}.v2.json"  # v2: sha256 over per-file digests
+# Any one of these lets AutoTokenizer build a tokenizer without the hub (fast, sentencepiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model source that cannot be used (missing folder, pickle-only weights without opt-in)."""
 
 
@@ -54,6 +58,71 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     if not pickles:
         raise CheckpointError(f"{folder}: no safetensors weights found")
     return pickles
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (safe_open checks header and size, without reading the
+    tensors), or None: a file cut short by a full disk or a killed copy is caught before any stage reads it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            return None
+    except (SafetensorError, OSError) as error:
+        return f"{path}: truncated or corrupt safetensors file ({error}); copy or download it again"
+
+
+def _config_problems(folder: Path, trust_remote_code: bool) -> list[str]:
+    """config.json readable and naming a causal language model transformers knows (no remote code needed)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [f"{folder}: no config.json (a model folder holds config.json, weights and a tokenizer)"]
+    except (OSError, ValueError) as error:
+        return [f"{path}: unreadable ({type(error).__name__}: {error})"]
+    if not isinstance(config, dict):
+        return [f"{path}: expected a JSON object, got {type(config).__name__}"]
+    if trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return []
+    model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [f"{path}: model_type={model_type!r} is not a causal language model this transformers knows "
+                f"(merge-eval loads AutoModelForCausalLM without remote code)"]
+    known = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+             for name in ((value,) if isinstance(value, str) else value)}
+    if isinstance(architectures, list) and architectures and not known & set(map(str, architectures)):
+        return [f"{path}: architectures={architectures!r} has no causal-LM head (e.g. a classifier's config)"]
+    return []
+
+
+def checkpoint_problems(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> list[str]:
+    """Everything wrong with a model folder that can be seen without loading it, one line each naming the file:
+    config.json, weight files (whole safetensors; shards an index names), a tokenizer."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: not a folder"]
+    problems = _config_problems(folder, trust_remote_code)
+    try:
+        files = weight_files(folder, allow_pickle)
+    except CheckpointError as error:
+        files = []
+        problems.append(str(error))
+    problems += [p for p in map(safetensors_problem, (f for f in files if f.suffix == ".safetensors")) if p]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            problems.append(f"{index}: unreadable shard index ({type(error).__name__}: {error})")
+        else:
+            problems += [f"{folder / str(s)}: missing (named by {index.name})" for s in sorted(map(str, shards))
+                         if not (folder / s).is_file()]
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{folder}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    return problems
 
 
 def resolve_source(source: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
@@ -109,7 +178,9 @@ def load_model(folder: Path, options: LoadOptions, attn_implementation: str | No
     """(model, tokenizer) in the config's precision on its device, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weight_files(Path(folder), options.allow_pickle)
+    problems = checkpoint_problems(Path(folder), options.allow_pickle, options.trust_remote_code)
+    if problems:
+        raise CheckpointError("\n".join(problems))
     kwargs = {"dtype": options.dtype, "trust_remote_code": options.trust_remote_code,
               "use_safetensors": None if options.allow_pickle else True}
     if attn_implementation:

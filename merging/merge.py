@@ -1,8 +1,9 @@
 """The merge stage: mergekit's `run_merge`, in-process, one merged checkpoint per (parents, method).
 
 Each checkpoint folder gets `manifest.json` (method, parameters, parents, base, mergekit version, seed, wall time,
-peak RSS). A folder whose manifest carries the same input key is reused, so re-running a config merges only
-what changed; a merge is built in a temp folder and renamed into place, so a half-written merge never exists.
+peak RSS). A folder whose manifest carries the same input key, and whose weight files are whole, is reused, so
+re-running a config merges only what changed; a merge is built in a temp folder and renamed into place, so a
+half-written merge never exists (a full disk leaves the previous merge as it was).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,13 +19,15 @@ from pathlib import Path
 
 import psutil
 
-from merging.checkpoints import content_digest
+from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
+from reports.errors import UserError, is_disk_full, naming_full_disk
+from reports.tables import CACHE_LOG, follow_umask, read_cached, temp_dir
 
 MANIFEST = "manifest.json"
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError):
     """mergekit refused or failed a merge; the message names the merge."""
 
 
@@ -72,10 +74,14 @@ def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dt
 
 
 def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    """The merge's manifest, or None when absent or unreadable (an unreadable one is removed: the merge is redone)."""
+    manifest = read_cached(Path(folder) / MANIFEST, lambda path: json.loads(path.read_text()))
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _damaged(folder: Path) -> list[str]:
+    """Weight files of a finished merge that are no longer whole (cut short or corrupted since)."""
+    return [p for p in map(safetensors_problem, sorted(Path(folder).glob("*.safetensors"))) if p]
 
 
 def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: int = 0,
@@ -90,32 +96,41 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
     key = input_key(lineage, parent_dirs, seed, dtype)
     existing = read_manifest(out)
     if existing and existing.get("input_key") == key:
-        return existing
+        damaged = _damaged(out)
+        if not damaged:
+            return existing
+        CACHE_LOG.warning("merge %s: %s; merging again", lineage.model, "; ".join(damaged))
 
     config = mergekit_config(method, lineage.parameters, [str(parent_dirs[p]) for p in lineage.parents],
                              str(parent_dirs[lineage.base]) if method.uses_base else None, dtype)
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     started = time.perf_counter()
-    try:
-        with PeakRss() as memory:
-            run_merge(MergeConfiguration.model_validate(config), str(build), options=options)
-    except Exception as error:  # mergekit raises many types; name the merge and keep the cause
-        shutil.rmtree(build, ignore_errors=True)
-        raise MergeError(f"merge {lineage.model!r} ({lineage.method}) failed: {error}") from error
-    manifest = {
-        "model": lineage.model, "method": lineage.method, "parameters": config.get("parameters", {}),
-        "model_parameters": {m["model"]: m.get("parameters", {}) for m in config["models"]},
-        "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
-        "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
-        "mergekit_config": config, "seed": seed, "dtype": dtype,
-        "wall_seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": round(memory.peak / 2**20, 1),
-        "input_key": key,
-    }
-    (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with naming_full_disk(out):
+        build = temp_dir(out.parent, prefix=f".{out.name}-")
+        try:
+            with PeakRss() as memory:
+                try:
+                    run_merge(MergeConfiguration.model_validate(config), str(build), options=options)
+                except Exception as error:  # mergekit raises many types; name the merge and keep the cause
+                    if is_disk_full(error):
+                        raise
+                    raise MergeError(f"merge {lineage.model!r} ({lineage.method}) failed: {error}") from error
+            manifest = {
+                "model": lineage.model, "method": lineage.method, "parameters": config.get("parameters", {}),
+                "model_parameters": {m["model"]: m.get("parameters", {}) for m in config["models"]},
+                "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
+                "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
+                "mergekit_config": config, "seed": seed, "dtype": dtype,
+                "wall_seconds": round(time.perf_counter() - started, 3),
+                "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
+            }
+            (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            follow_umask(build)
+        except BaseException:  # interrupted or failed: no half-built folder stays behind
+            shutil.rmtree(build, ignore_errors=True)
+            raise
     if out.exists():
         shutil.rmtree(out)
     build.rename(out)

@@ -3,7 +3,8 @@
 mergekit fails late (a shape error deep in a merge) or not at all (a vocabulary or tied-head mismatch silently
 merges unrelated rows). Preflight reads only config.json, tokenizers and safetensors headers — plus, optionally,
 one streamed pass for NaN/inf — and raises `PreflightError` with one line per mismatch naming the models, before
-anything is written. What mergekit copes with (mixed dtypes, padded embedding rows) comes back as warnings.
+anything is written. A damaged folder (truncated safetensors, no tokenizer, another architecture's config) is
+named file by file first, whatever its source (embedded cache, hub download, local copy). What mergekit copes with (mixed dtypes, padded embedding rows) comes back as warnings.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from merging.checkpoints import CheckpointError
+from merging.checkpoints import CheckpointError, checkpoint_problems
 from merging.family import TOKENIZER_PROBE
 from merging.streaming import FLOAT_DTYPES, StreamedCheckpoint, row_chunks
+from reports.errors import UserError
 
 TIED_HEAD = "lm_head.weight"  # absent from a checkpoint whose output head is its input embedding
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "embed_in")
@@ -23,7 +25,7 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "float32": 32, "bflo
 _SHOWN = 3  # tensor names listed per problem before "... and N more"
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError):
     """Checkpoints that must not be merged together; `problems` holds one line per mismatch."""
 
     def __init__(self, problems: list[str]):
@@ -159,6 +161,10 @@ def preflight(models: dict[str, Path], base: str | None = None, merge_dtype: str
               scan_values: bool = True, probe_text: str = TOKENIZER_PROBE) -> list[str]:
     """Check that `models` (name -> checkpoint folder) can be merged; returns warnings, raises PreflightError."""
     reference = base if base in models else next(iter(models))
+    damaged = [f"checkpoint: {name!r}: {problem}" for name, folder in models.items()
+               for problem in checkpoint_problems(folder, allow_pickle=True)]  # pickle-only: StreamedCheckpoint says
+    if damaged:
+        raise PreflightError(damaged)
     checkpoints = {name: StreamedCheckpoint(folder) for name, folder in models.items()}
     try:
         problems = check_configs({name: _config(folder) for name, folder in models.items()}, reference)

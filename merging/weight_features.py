@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from merging.checkpoints import content_digest
 from merging.streaming import StreamedCheckpoint, layer_of, module_of, stream_chunks
-from reports.tables import write_parquet
+from reports.tables import read_cached, write_parquet
 
 ZERO_RTOL = 1e-6  # |δ| ≤ ZERO_RTOL·|θ_base| counts as unchanged: ~8 float32 ulps, far below any real update
 CHUNK_BYTES = 64 << 20  # working set of one chunk across all models (float64 values + float32 signs)
@@ -226,8 +226,8 @@ def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path,
                            zero_rtol: float = ZERO_RTOL) -> tuple[pl.DataFrame, bool]:
     """`weight_features`, kept in `cache_dir` by content of every model + code version; (rows, was_cached)."""
     path = Path(cache_dir) / "weight_features" / f"{cache_key(models, base, groups, zero_rtol)}.parquet"
-    if path.is_file():
-        return pl.read_parquet(path), True
+    if (hit := read_cached(path, pl.read_parquet)) is not None:
+        return hit, True
     rows = weight_features(models, base, groups, zero_rtol)
     write_parquet(rows, path)
     return rows, False

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probing.holmes import ProbingTask, Span
+from reports.errors import UserError
 from reports.tables import atomic_path
 
 CAPTURE_VERSION = "1"
@@ -35,7 +36,7 @@ RESID_HOOK = "blocks.{}.hook_resid_post"
 PAIR_JOIN = " "  # _CROSS pair types: decoder-only models have no separator token, so sides are joined by a space
 
 
-class CaptureError(ValueError):
+class CaptureError(UserError):
     """Inputs that cannot be captured (a span no token covers, e.g. cut off by max_length)."""
 
 

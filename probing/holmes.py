@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from reports.errors import UserError
+
 COLUMNS = ("inputs", "context", "topic", "org_label", "set-0", "string_label", "label", "id")
 REQUIRED_COLUMNS = ("inputs", "context", "set-0", "label")
 SPLITS = ("train", "dev", "test")
@@ -44,7 +46,7 @@ SPAN_TASK_TYPES = {"SENTENCE_TOKENS", "SENTENCE_SPANS", "SENTENCE_PAIR_TOKENS_BI
 CONTROL_TASK_TYPES = ("NONE", "PERMUTATION", "RANDOMIZATION", "RANDOM_WEIGHTS")
 
 
-class HolmesError(ValueError):
+class HolmesError(UserError):
     """A Holmes dataset folder that cannot be read; the message names the file, row and reason."""
 
 

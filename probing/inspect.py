@@ -8,12 +8,13 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from reports.errors import UserError
 from reports.tables import read_table
 
 BARS = " ▁▂▃▄▅▆▇█"
 
 
-class ProbesError(ValueError):
+class ProbesError(UserError):
     """RUN_DIR has no probes table, or the task/model asked for is not in it."""
 
 

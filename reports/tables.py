@@ -1,18 +1,27 @@
-"""The run's tidy tables: their contract columns and atomic reading/writing.
+"""The run's tidy tables: their contract columns and atomic reading/writing, and the file helpers every stage
+writes and reads its outputs and caches with.
 
 Every stage hands its rows to `write_table`, which checks the contract columns (DESIGN.md) and writes through a
-temp file + rename, so a table on disk is always whole: an interrupted run leaves the previous version or none.
+temp file + rename, so a table on disk is always whole: an interrupted run or a full disk leaves the previous
+version or none. Outputs get the modes the user's umask gives (a teammate can read a finished run), not the
+0600/0700 of mkstemp/mkdtemp. A cache entry that cannot be loaded is a miss, never a crash.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import polars as pl
+
+from reports.errors import UserError, describe, naming_full_disk
+
+T = TypeVar("T")
+CACHE_LOG = logging.getLogger("merge_eval.cache")
 
 CONTRACT_COLUMNS: dict[str, tuple[str, ...]] = {
     "behavior": ("model", "task", "group", "metric", "value", "stderr", "n"),
@@ -24,23 +33,77 @@ CONTRACT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TableError(ValueError):
+class TableError(UserError):
     """A table that breaks its contract (missing columns)."""
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it: setting and
+    restoring races with threads creating files meanwhile, as Prefect's task threads do)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file or directory under the user's umask."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside `target`; on success it replaces `target`, on error it is removed."""
+    """Yield a temp path beside `target`; on success it replaces `target` (with the umask's mode), on error it is
+    removed and `target` is left as it was. A full disk becomes `NoSpaceError` naming `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    temp = Path(name)
+    with naming_full_disk(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        temp = Path(name)
+        try:
+            os.chmod(temp, default_mode())
+            yield temp
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory in `parent` to build into and rename into place; mode from the umask (mkdtemp: 0700)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, default_mode(directory=True))
+    return path
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the umask's modes: libraries that build a folder for us (mergekit)
+    write some files through mkstemp (0600) and copy others with their source's mode."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(directory=path.is_dir()))
+
+
+def read_cached(path: Path, load: Callable[[Path], T]) -> T | None:
+    """`load(path)` for a cache entry, or None on a miss. An entry that fails to load (cut short by a full disk or
+    a killed copy, corrupted) is logged naming the file, removed, and treated as a miss: the caller recomputes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
     try:
-        yield temp
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+        return load(path)
+    except Exception as error:  # noqa: BLE001 - every reader fails its own way; no failed entry is trusted
+        CACHE_LOG.warning("cache entry %s is unreadable (%s); removed, recomputing it", path, describe(error))
+        path.unlink(missing_ok=True)
+        return None
 
 
 def atomic_write_text(target: Path, text: str) -> None:
@@ -69,12 +132,19 @@ def write_table(tables_dir: Path, name: str, frame: pl.DataFrame) -> Path:
 def replace_rows(tables_dir: Path, name: str, frame: pl.DataFrame, column: str, value: str) -> Path:
     """Write `frame` as the rows of table `name` whose `column` equals `value`, keeping every other row: tables
     that several stages fill (outcomes by kind, similarity by source) are updated one stage at a time."""
-    existing = read_table(tables_dir, name)
+    existing = read_cached(Path(tables_dir) / f"{name}.parquet", pl.read_parquet)  # the run rebuilds every part
     if existing is not None and column in existing.columns:
         frame = pl.concat([existing.filter(pl.col(column) != value), frame], how="diagonal_relaxed")
     return write_table(tables_dir, name, frame)
 
 
 def read_table(tables_dir: Path, name: str) -> pl.DataFrame | None:
+    """Table `name` of a run, None when it was not written; a file that cannot be read is a `TableError`."""
     path = Path(tables_dir) / f"{name}.parquet"
-    return pl.read_parquet(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except Exception as error:  # noqa: BLE001 - polars/pyarrow/OS errors alike: name the file, not the library
+        raise TableError(f"{path}: cannot read this table ({describe(error)}); run the pipeline again to rewrite "
+                         f"it") from None

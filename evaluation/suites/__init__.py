@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from reports.errors import UserError
+
 OFFLINE_DIR = Path(__file__).parent / "offline"
 
 
@@ -24,7 +26,7 @@ def lm_eval_tasks_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tasks"
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """An unknown suite name in a config."""
 
 

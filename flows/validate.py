@@ -1,0 +1,115 @@
+"""What a config points at, checked before any work: `merge-eval validate` and `merge-eval run` both call
+`validate_config` before Prefect starts, so a run that cannot succeed fails in seconds and writes nothing.
+
+`flows.config` checks the config's own shape; this module checks the world it names: embedded members, local
+model folders (config.json, whole safetensors, a tokenizer), the probing data, the device, the run directory.
+Hub ids are checked for form only (no network). Every problem is one line naming the field and its value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flows.config import ConfigError, ExperimentConfig, load_config
+from merging.checkpoints import EMBEDDED_PREFIX, checkpoint_problems
+from probing.holmes import HolmesError
+
+
+def default_run_dir(config: ExperimentConfig) -> Path:
+    return Path("runs") / config.name
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source the user meant as a folder: absolute, home- or dot-relative, or deeper than `owner/name`."""
+    return source.startswith(("/", "~", "./", "../")) or "\\" in source or source.count("/") > 1
+
+
+def source_problems(config: ExperimentConfig) -> list[str]:
+    """Each `models[i].source`: an embedded member, an existing model folder, or a well-formed hub id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from merging.family import MEMBERS, FamilyError, gguf_path
+
+    problems = []
+    for i, spec in enumerate(config.models):
+        field, source = f"models[{i}].source", spec.source
+        path = Path(source).expanduser()
+        if source.startswith(EMBEDDED_PREFIX):
+            member = source.removeprefix(EMBEDDED_PREFIX)
+            if member not in MEMBERS:
+                problems.append(f"{field}: {source!r} is not an embedded model; the family is "
+                                f"{', '.join(EMBEDDED_PREFIX + m for m in MEMBERS)}")
+        elif path.exists():
+            problems += [f"{field}: {problem}" for problem in
+                         checkpoint_problems(path, config.allow_pickle, config.trust_remote_code)]
+        elif _looks_like_path(source):
+            problems.append(f"{field}: folder {source!r} does not exist")
+        else:
+            try:
+                validate_repo_id(source)
+            except HFValidationError as error:
+                problems.append(f"{field}: {source!r} is neither an existing folder nor a hub id "
+                                f"({str(error).splitlines()[0]})")
+    if any(spec.source.startswith(EMBEDDED_PREFIX) for spec in config.models):
+        try:
+            gguf_path()
+        except FamilyError as error:
+            problems.append(f"models: the embedded family needs its package: {error}")
+    return problems
+
+
+def probing_problems(config: ExperimentConfig) -> list[str]:
+    """`probing.data` holds readable Holmes datasets, and `probing.tasks` names some of them.
+
+    A user's folder is read whole (a malformed CSV or YAML fails here, not hours into a run); the bundled suite
+    is tested with the package, so only its task names are checked.
+    """
+    from probing.build_suite import SUITE_DIR
+    from probing.holmes import find_tasks
+
+    spec = config.probing
+    if spec.data == "bundled":
+        known = sorted(p.parent.name for p in SUITE_DIR.rglob("samples.csv"))
+        unknown = [t for t in spec.tasks or () if t not in known]
+        return [f"probing.tasks: unknown bundled task(s) {unknown}; known: {', '.join(known)}"] if unknown else []
+    try:
+        find_tasks(Path(spec.data).expanduser(), spec.tasks)
+    except HolmesError as error:
+        return [f"probing.data={spec.data!r}: {line}" for line in error.lines()]
+    return []
+
+
+def device_problems(config: ExperimentConfig) -> list[str]:
+    if config.device != "cuda":
+        return []
+    import torch
+
+    return [] if torch.cuda.is_available() else ["device: 'cuda' but no CUDA GPU is available (use cpu or auto)"]
+
+
+def run_dir_problems(run_dir: Path) -> list[str]:
+    """The run directory can be created (or written, when it exists) without creating anything now."""
+    path = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"run directory {str(run_dir)!r}: {existing} is not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"run directory {str(run_dir)!r}: {existing} is not writable"]
+    return []
+
+
+def environment_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
+    return source_problems(config) + probing_problems(config) + device_problems(config) + run_dir_problems(run_dir)
+
+
+def validate_config(path: str | Path, run_dir: str | Path | None = None) -> tuple[ExperimentConfig, Path]:
+    """(config, run directory) when the config and everything it names can be used; else `ConfigError` with
+    one line per problem, config mistakes first (the environment is checked only for a well-formed config)."""
+    config = load_config(path)
+    root = Path(run_dir) if run_dir else default_run_dir(config)
+    problems = environment_problems(config, root)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
+    return config, root
