@@ -23,7 +23,7 @@ import torch
 
 
 def streamed(paths: dict) -> dict:
-    from merging.weight_features import accumulate, derive
+    from probing.similarity.weights import accumulate, derive
 
     totals = accumulate(paths, "base")
     pairs, _ = derive(totals[("global", None, None)], list(paths).index("base"))

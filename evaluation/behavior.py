@@ -65,22 +65,31 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     return json.loads(json.dumps(result, default=handle_non_serializable))
 
 
-def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path) -> dict:
+def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> dict | None:
+    """The stored result for this checkpoint's content and settings, or None: deciding never loads the model."""
+    cached = Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder))}.json"
+    return read_cached(cached, lambda path: json.loads(path.read_text()))
+
+
+def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path,
+                loaded: tuple | None = None) -> dict:
     """lm-eval's raw result for the checkpoint in `folder`, from `cache_dir` when its content was scored before.
 
-    The result carries `merge_eval` = {cache_key, wall_seconds} (the wall time of the scoring that made it).
+    `loaded` = (model, tokenizer) already loaded from `folder` (the per-model pipeline step loads once for
+    behaviour and captures); without it the model is loaded here. The result carries `merge_eval` =
+    {cache_key, wall_seconds} (the wall time of the scoring that made it).
     """
-    key = settings.cache_key(content_digest(folder))
-    cached = Path(cache_dir) / CACHE_SUBDIR / f"{key}.json"
-    if (hit := read_cached(cached, lambda path: json.loads(path.read_text()))) is not None:
+    hit = cached_score(folder, settings, cache_dir)
+    if hit is not None:
         return hit
+    key = settings.cache_key(content_digest(folder))
     started = time.perf_counter()
-    model, tokenizer = load_model(folder, options)
+    model, tokenizer = loaded if loaded is not None else load_model(folder, options)
     raw = evaluate(model, tokenizer, settings)
     raw["merge_eval"] = {"cache_key": key, "wall_seconds": round(time.perf_counter() - started, 2),
                          "settings": asdict(settings)}
     text = json.dumps(raw, indent=1)
-    atomic_write_text(cached, text)
+    atomic_write_text(Path(cache_dir) / CACHE_SUBDIR / f"{key}.json", text)
     return json.loads(text)  # what a cache hit returns, to the type (tuples become lists)
 
 

@@ -108,7 +108,20 @@ class ProbingSpec(Strict):
 
 
 class SimilaritySpec(Strict):
+    """Selector features: weight-space (streamed from checkpoints) and functional (from the unlabeled set's
+    captures: `tokens` tokens in windows of `window`; KL from each model's `top_k` next-token log-probs)."""
+
     weights: bool = True
+    functional: bool = True
+    tokens: Annotated[int, Field(ge=16)] = 10_000
+    window: Annotated[int, Field(ge=8)] = 128
+    top_k: Annotated[int, Field(ge=1)] = 256
+
+    @model_validator(mode="after")
+    def _whole_window(self) -> SimilaritySpec:
+        if self.tokens < self.window:
+            raise ValueError(f"similarity.tokens={self.tokens} is less than one window ({self.window})")
+        return self
 
 
 class ExperimentConfig(Strict):

@@ -1,8 +1,12 @@
-"""The `merge-eval` Prefect flow: config -> parents -> merges -> per-model stages -> tables.
+"""The `merge-eval` Prefect flow: config -> parents -> merges -> per-model step -> tables.
 
 Stage functions live in the stage packages and know nothing of Prefect; this module only composes them into
 tasks, so each stage stays testable on its own. Expensive stage results are cached by content inside the run
 directory, which is what makes an interrupted or extended run resume instead of recompute.
+
+The per-model step (`model_task`) is the only place a model is loaded: once, and only when its behaviour score or
+some capture is missing; it scores behaviour, then runs every capture the run needs (probe inputs, the unlabeled
+similarity set) into the capture store. Probing and functional similarity read only that store.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExperimentConfig, load_config, merge_name
 from flows.run_store import RunDir
+from merging import checkpoints
 from merging.checkpoints import LoadOptions, resolve_source
 from merging.merge import MergeLineage, merge
 from merging.preflight import preflight
-from merging.weight_features import cached_weight_features
+from probing.similarity.weights import cached_weight_features
+from probing.store import CaptureJob, CaptureStore, ModelRef, model_ref
 from reports.tables import atomic_write_text, read_table, replace_rows, write_table
 
 
@@ -74,10 +80,59 @@ def weight_features_task(model_dirs: dict[str, Path], run: RunDir, config: Exper
     return replace_rows(run.tables, "similarity", rows, "source", "weights")
 
 
+def capture_store(run: RunDir) -> CaptureStore:
+    return CaptureStore(run.cache / "captures")
+
+
+def similarity_set(config: ExperimentConfig):
+    from probing.similarity.unlabeled import TokenWindows
+
+    return TokenWindows(config.similarity.tokens, config.similarity.window)
+
+
+def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
+    """Everything the run's later stages read from the store for this model."""
+    from probing.stage import load_tasks, probe_jobs
+
+    spec = config.probing
+    jobs = probe_jobs(load_tasks(spec.data, spec.tasks), model.n_blocks, spec.pooling, spec.max_length,
+                      spec.batch_size)
+    if config.similarity.functional:
+        from probing.similarity.functional import functional_jobs
+
+        jobs += functional_jobs(similarity_set(config), model.n_blocks, config.similarity.top_k)
+    return jobs
+
+
+@task(name="model", cache_policy=NO_CACHE, task_run_name="model {name}")
+def model_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig) -> pl.DataFrame:
+    """Behaviour + every capture of one model from a single load (none when all are cached); behaviour rows."""
+    from evaluation.behavior import cached_score, score_model, tidy
+    from probing.hooks import HookRunner
+    from probing.store import capture_model
+
+    logger = get_run_logger()
+    settings, options = behavior_settings(config), load_options(config)
+    model = model_ref(name, folder)
+    missing = capture_store(run).missing(capture_jobs(model, config), model.digest, config.precision)
+    raw = cached_score(folder, settings, run.cache)
+    if raw is None or missing:
+        loaded = checkpoints.load_model(folder, options)
+        if raw is None:  # behaviour first: the bridge the captures boot switches the model to eager attention
+            raw = score_model(folder, settings, options, run.cache, loaded=loaded)
+            logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
+        if missing:
+            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.info)
+        del loaded
+    atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
+                      json.dumps(raw, indent=1))
+    return tidy(raw, name)
+
+
 @task(name="probing", cache_policy=NO_CACHE)
 def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
-    """Capture + layerwise probes for every model (parents and merges) into probes.parquet; captures and probe
-    results are cached per model content under run.cache, so only new or changed models cost a forward pass."""
+    """Layerwise probes for every model (parents and merges) from the capture store into probes.parquet; probe
+    results are cached beside the captures, so only new or changed models are probed again."""
     from probing.stage import load_tasks, probe_model
 
     logger = get_run_logger()
@@ -86,9 +141,21 @@ def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentCon
     frames = []
     for i, (name, folder) in enumerate(model_dirs.items(), 1):
         logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))
-        frames.append(probe_model(name, folder, tasks, load_options(config), run.cache, spec.seeds, spec.batch_size,
+        frames.append(probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
                                   spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
     return write_table(run.tables, "probes", pl.concat(frames, how="diagonal_relaxed"))
+
+
+@task(name="functional-similarity", cache_policy=NO_CACHE)
+def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
+    """Activation cosine, CKA, attention cosine and KL of every pair from the store into similarity.parquet."""
+    from probing.similarity.functional import functional_features
+
+    models = [model_ref(name, folder) for name, folder in model_dirs.items()]
+    rows = functional_features(models, similarity_set(config), capture_store(run), config.precision,
+                               config.similarity.top_k)
+    get_run_logger().info("functional similarity: %d rows for %d models", rows.height, len(models))
+    return replace_rows(run.tables, "similarity", rows, "source", "functional")
 
 
 @task(name="internals-outcomes", cache_policy=NO_CACHE)
@@ -108,19 +175,6 @@ def behavior_settings(config: ExperimentConfig):
     return BehaviorSettings(suites=tuple(config.behavior.suites), batch_size=config.behavior.batch_size,
                             precision=config.precision, device=load_options(config).torch_device,
                             limit=config.behavior.limit, seed=config.seed)
-
-
-@task(name="behavior", cache_policy=NO_CACHE, task_run_name="behaviour {name}")
-def behavior_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig) -> pl.DataFrame:
-    """lm-eval on one model (cached by content + settings under run.cache); its raw JSON kept beside the tables."""
-    from evaluation.behavior import score_model, tidy
-
-    raw = score_model(folder, behavior_settings(config), load_options(config), run.cache)
-    atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
-                      json.dumps(raw, indent=1))
-    get_run_logger().info("behaviour %s: scored in %.1f s (cache key %s)", name, raw["merge_eval"]["wall_seconds"],
-                          raw["merge_eval"]["cache_key"][:12])
-    return tidy(raw, name)
 
 
 @task(name="behavior-tables", cache_policy=NO_CACHE)
@@ -153,9 +207,11 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
         weight_features_task(model_dirs, run, config)
     behavior = []
     for i, (name, folder) in enumerate(model_dirs.items(), 1):
-        logger.info("behaviour %d/%d: %s", i, len(model_dirs), name)
-        behavior.append(behavior_task(name, folder, run, config))
+        logger.info("model %d/%d: %s", i, len(model_dirs), name)
+        behavior.append(model_task(name, folder, run, config))
     behavior_tables_task(behavior, run, config)
     probing_task(model_dirs, run, config)
+    if config.similarity.functional:
+        functional_similarity_task(model_dirs, run, config)
     internals_outcomes_task(run, config)
     return str(run.root)

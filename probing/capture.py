@@ -1,38 +1,34 @@
-"""One forward pass per batch -> pooled representations of every layer, reduced inside the hooks.
+"""Capture: one forward pass per batch, each requested hook's activation reduced inside its hook.
+
+A request names a hook point (transformer-lens names, `probing.hooks`) and a reducer: `Pool` (the probe inputs'
+masked mean / last token / span mean, found with the fast tokenizer's offset mapping), `Tokens` (every token),
+`PackedPattern` (attention probabilities, causal triangle only) or `TopK` (next-token log-probs reduced to the k
+most likely tokens + the remaining mass). Reducing inside the hook means no full activation outlives its own
+layer of its own batch. Outputs are kept in their storage dtype, float32 or bfloat16 only: float16 overflows at
+65,504 and 7B models have outlier dimensions in the thousands (`STORE_DTYPES`). `probing.store` keeps them.
 
 Layers (what "layer L" means everywhere in merge-eval): layer 0 = the token embeddings (`hook_embed`, HF
 `hidden_states[0]`); layer i in 1..L = the residual stream after block i-1 (`blocks.{i-1}.hook_resid_post`), i.e.
 BEFORE the final norm. HF's `hidden_states[i]` equals ours for i < L, but HF's last entry is taken after the final
 norm; we keep the pre-norm residual so all L+1 layers live in the same residual basis (a SmolLM2 model gives 31).
-
-Each hook turns its [batch, seq, d] activation into [batch, requests, d] with one einsum against a pooling-weight
-tensor (masked sentence mean, last token, or the mean over the tokens covering a character span, found with the
-fast tokenizer's offset mapping), so no full-sequence activation outlives its own layer of its own batch.
-Capture goes through transformer-lens's TransformerBridge so hook points carry the field's names; architectures the
-bridge cannot boot fall back to plain torch forward hooks on the HF embedding and decoder-layer modules.
 Right padding + a causal model means real tokens never see padding, so batching does not change any value.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
 from probing.holmes import ProbingTask, Span
+from probing.hooks import HookRunner, layer_hooks
 from reports.errors import UserError
-from reports.tables import atomic_path
 
-CAPTURE_VERSION = "1"
-EMBED_HOOK = "hook_embed"
-RESID_HOOK = "blocks.{}.hook_resid_post"
 PAIR_JOIN = " "  # _CROSS pair types: decoder-only models have no separator token, so sides are joined by a space
 
 
@@ -100,108 +96,204 @@ def _pooling_weights(requests: Sequence[Request], offsets: np.ndarray, special: 
     return weights
 
 
-class LayerRunner:
-    """Runs a model with one callback per layer (0 = embeddings, i = residual after block i-1)."""
+@dataclass
+class Batch:
+    """One forward pass: right-padded ids, and where each item's reduced rows go (`rows` [B, R], -1 = none)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.bridge = self._boot_bridge(model, tokenizer)
-        self.n_layers = model.config.num_hidden_layers + 1
-        self.hidden_size = model.config.hidden_size
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor | None = None  # [B, R, S] pooling weights (Pool), None for full token windows
 
-    @staticmethod
-    def _boot_bridge(model, tokenizer):
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
 
-            return TransformerBridge.boot_transformers(model.name_or_path, hf_model=model, tokenizer=tokenizer)
-        except Exception:  # noqa: BLE001 - any architecture the bridge cannot map: use plain torch hooks
-            return None
+class PooledInputs:
+    """Probe inputs: distinct texts, each encoded once, with pooling weights for the requests over it."""
+
+    def __init__(self, requests: Sequence[Request], max_length: int, digest: str, name: str = "requests"):
+        self.requests, self.max_length, self.digest, self.name = list(requests), max_length, digest, name
+        self.n_rows = len(self.requests)
+
+    def batches(self, tokenizer, batch_size: int) -> Iterator[Batch]:
+        requests = self.requests
+        texts = sorted({r.text for r in requests})
+        by_text: dict[str, list[int]] = {t: [] for t in texts}
+        for i, request in enumerate(requests):
+            by_text[request.text].append(i)
+        encoded = tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                            return_special_tokens_mask=True)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        pad = tokenizer.pad_token_id
+        for begin in range(0, len(order), batch_size):
+            batch = order[begin:begin + batch_size]
+            seq = max(len(encoded["input_ids"][t]) for t in batch)
+            width = max(len(by_text[texts[t]]) for t in batch)
+            ids = torch.full((len(batch), seq), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), seq), dtype=torch.long)
+            weights = torch.zeros((len(batch), width, seq))
+            rows = torch.full((len(batch), width), -1, dtype=torch.long)
+            for row, t in enumerate(batch):
+                n = len(encoded["input_ids"][t])
+                ids[row, :n] = torch.tensor(encoded["input_ids"][t])
+                mask[row, :n] = 1
+                members = by_text[texts[t]]
+                w = _pooling_weights([requests[i] for i in members], np.array(encoded["offset_mapping"][t]),
+                                     np.array(encoded["special_tokens_mask"][t], dtype=bool))
+                weights[row, :len(members), :n] = torch.from_numpy(w)
+                rows[row, :len(members)] = torch.tensor(members)
+            yield Batch(ids, mask, rows, weights)
+
+
+def probe_inputs(task: ProbingTask, pooling: str, max_length: int) -> tuple[PooledInputs, np.ndarray]:
+    """A probing task's capture inputs and, per item, the rows to concatenate (see `task_requests`)."""
+    requests, item_index = task_requests(task, pooling)
+    digest = hashlib.sha256(f"{task.digest}\n{pooling}\n{PAIR_JOIN!r}".encode()).hexdigest()
+    return PooledInputs(requests, max_length, digest, name=f"probe:{task.name}"), item_index
+
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # fp16 overflows at 65,504: refused
+
+
+def _store_dtype(name: str) -> torch.dtype:
+    if name not in STORE_DTYPES:
+        raise CaptureError(f"storage dtype {name!r} refused: use one of {', '.join(STORE_DTYPES)} "
+                           "(float16 overflows at 65,504, below the outlier activations of large models)")
+    return STORE_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """[rows, d]: each request's pooling-weighted mean of the activation (probe inputs)."""
+
+    dtype: str = "float32"
 
     @property
-    def backend(self) -> str:
-        return "transformer-lens" if self.bridge is not None else "torch-hooks"
+    def name(self) -> str:
+        return f"pool-{self.dtype}"
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            on_layer: Callable[[int, torch.Tensor], None]) -> None:
-        if self.bridge is not None:
-            names = [EMBED_HOOK] + [RESID_HOOK.format(i) for i in range(self.n_layers - 1)]
-            hooks = [(name, lambda act, hook, layer=layer: on_layer(layer, act)) for layer, name in enumerate(names)]
-            self.bridge.run_with_hooks(input_ids, attention_mask=attention_mask, return_type=None, fwd_hooks=hooks)
-            return
-        decoder = self.model.base_model
-        modules = [decoder.get_input_embeddings(), *decoder.layers]
-        handles = [m.register_forward_hook(lambda mod, args, out, layer=layer: on_layer(
-            layer, out[0] if isinstance(out, tuple) else out)) for layer, m in enumerate(modules)]
-        try:
-            decoder(input_ids=input_ids, attention_mask=attention_mask)
-        finally:
-            for handle in handles:
-                handle.remove()
+    def __call__(self, act: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"value": torch.einsum("brs,bs...->br...", batch.weights, act.float())}
 
 
-def capture(runner: LayerRunner, requests: Sequence[Request], batch_size: int = 32, max_length: int = 128,
-            progress: str | None = None) -> torch.Tensor:
-    """[n_layers, len(requests), d] float32 pooled representations; each text is encoded once."""
-    tokenizer = runner.tokenizer
-    texts = sorted({r.text for r in requests})
-    by_text: dict[str, list[int]] = {t: [] for t in texts}
-    for i, request in enumerate(requests):
-        by_text[request.text].append(i)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True,
-                        return_special_tokens_mask=True)
-    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
-    device = next(runner.model.parameters()).device
-    out = torch.zeros(runner.n_layers, len(requests), runner.hidden_size)
-    pad = tokenizer.pad_token_id
-    for begin in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False):
-        batch = order[begin:begin + batch_size]
-        seq = max(len(encoded["input_ids"][t]) for t in batch)
-        width = max(len(by_text[texts[t]]) for t in batch)
-        ids = torch.full((len(batch), seq), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), seq), dtype=torch.long)
-        weights = torch.zeros((len(batch), width, seq))
-        target = torch.full((len(batch), width), -1, dtype=torch.long)
-        for row, t in enumerate(batch):
-            n = len(encoded["input_ids"][t])
-            ids[row, :n] = torch.tensor(encoded["input_ids"][t])
-            mask[row, :n] = 1
-            members = by_text[texts[t]]
-            w = _pooling_weights([requests[i] for i in members], np.array(encoded["offset_mapping"][t]),
-                                 np.array(encoded["special_tokens_mask"][t], dtype=bool))
-            weights[row, :len(members), :n] = torch.from_numpy(w)
-            target[row, :len(members)] = torch.tensor(members)
-        keep = target >= 0
-        weights_device = weights.to(device)
+def _whole(batch: Batch, reducer: str) -> None:
+    if batch.weights is not None:
+        raise CaptureError(f"reducer {reducer} needs full token windows, not pooled requests")
 
-        def pool(layer: int, act: torch.Tensor) -> None:
-            pooled = torch.einsum("brs,bsd->brd", weights_device, act.float())
-            out[layer, target[keep]] = pooled[keep.to(device)].cpu()
 
+@dataclass(frozen=True)
+class Tokens:
+    """[windows, S, d]: every token's activation (full windows, no padding)."""
+
+    dtype: str = "bfloat16"
+
+    @property
+    def name(self) -> str:
+        return f"tokens-{self.dtype}"
+
+    def __call__(self, act: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        _whole(batch, self.name)
+        return {"value": act[:, None]}
+
+
+@dataclass(frozen=True)
+class PackedPattern:
+    """[windows, H, S(S+1)/2]: attention probabilities, lower triangle packed row by row (causal zeros dropped)."""
+
+    dtype: str = "bfloat16"
+
+    @property
+    def name(self) -> str:
+        return f"pattern-tril-{self.dtype}"
+
+    def __call__(self, act: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        _whole(batch, self.name)
+        query, key = torch.tril_indices(act.shape[-2], act.shape[-1], device=act.device)
+        return {"value": act[..., query, key][:, None]}
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Next-token distributions reduced to the k most likely tokens' log-probs + the log of the remaining mass:
+    `logprobs` [windows, S, k] (float32), `indices` (int32), `log_rest` [windows, S] (-inf when k covers all)."""
+
+    k: int = 256
+
+    @property
+    def name(self) -> str:
+        return f"topk{self.k}-float32"
+
+    @property
+    def dtype(self) -> str:
+        return "float32"
+
+    def __call__(self, act: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        _whole(batch, self.name)
+        top = torch.log_softmax(act.float(), dim=-1).topk(min(self.k, act.shape[-1]), dim=-1)
+        rest = torch.log((-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0))
+        return {"logprobs": top.values[:, None], "indices": top.indices.int()[:, None], "log_rest": rest[:, None]}
+
+
+Reducer = Pool | Tokens | PackedPattern | TopK
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """One hook point (transformer-lens name) and how to reduce its activation inside the hook."""
+
+    hook: str
+    reducer: Reducer
+
+
+class InputSet(Protocol):
+    name: str
+    digest: str
+    max_length: int
+    n_rows: int
+
+    def batches(self, tokenizer, batch_size: int) -> Iterator[Batch]: ...
+
+
+def run_capture(runner: HookRunner, inputs: InputSet, requests: Sequence[HookRequest], batch_size: int = 32,
+                progress: str | None = None) -> dict[HookRequest, dict[str, torch.Tensor]]:
+    """One forward pass per batch for all requests; each reduced output lands on the CPU in its storage dtype."""
+    outputs: dict[HookRequest, dict[str, torch.Tensor]] = {r: {} for r in requests}
+    by_hook: dict[str, list[HookRequest]] = {}
+    for request in requests:
+        _store_dtype(request.reducer.dtype)
+        by_hook.setdefault(request.hook, []).append(request)
+    batches = inputs.batches(runner.tokenizer, batch_size)
+    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+        keep = batch.rows >= 0
+        targets = batch.rows[keep]
+        keep_device = keep.to(runner.device)
+        if batch.weights is not None:
+            batch.weights = batch.weights.to(runner.device)
+
+        def on_hook(act: torch.Tensor, hook_requests: list[HookRequest]) -> None:
+            for request in hook_requests:
+                for name, value in request.reducer(act, batch).items():
+                    value = value[keep_device].cpu()
+                    buffer = outputs[request].get(name)
+                    if buffer is None:
+                        dtype = _store_dtype(request.reducer.dtype) if value.is_floating_point() else value.dtype
+                        buffer = outputs[request][name] = torch.zeros((inputs.n_rows, *value.shape[1:]), dtype=dtype)
+                    buffer[targets] = value.to(buffer.dtype)
+
+        hooks = {hook: lambda act, rs=rs: on_hook(act, rs) for hook, rs in by_hook.items()}
         with torch.inference_mode():
-            runner.run(ids.to(device), mask.to(device), pool)
-    return out
+            runner.run(batch.input_ids.to(runner.device), batch.attention_mask.to(runner.device), hooks)
+    return outputs
+
+
+def capture(runner: HookRunner, requests: Sequence[Request], batch_size: int = 32, max_length: int = 128,
+            progress: str | None = None) -> torch.Tensor:
+    """[n_layers, len(requests), d] float32 pooled representations of every probing layer."""
+    inputs = PooledInputs(requests, max_length, digest="")
+    hook_requests = [HookRequest(hook, Pool()) for hook in layer_hooks(runner.n_blocks)]
+    out = run_capture(runner, inputs, hook_requests, batch_size, progress)
+    return torch.stack([out[r]["value"] for r in hook_requests])
 
 
 def task_features(pooled: torch.Tensor, item_index: np.ndarray) -> torch.Tensor:
     """[n_layers, n_items, k*d]: each item's requests concatenated (BI pairs, token pairs)."""
     layers, _, d = pooled.shape
     return pooled[:, torch.from_numpy(item_index).reshape(-1)].reshape(layers, len(item_index), -1)
-
-
-def capture_key(model_digest: str, task: ProbingTask, pooling: str, max_length: int, precision: str) -> str:
-    parts = [CAPTURE_VERSION, model_digest, task.digest, pooling, str(max_length), precision]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def cached_capture(cache_dir: Path, key: str, compute: Callable[[], torch.Tensor],
-                   metadata: dict[str, str]) -> torch.Tensor:
-    """Load `cache_dir/<key>.safetensors` (fp16) or compute, store atomically, and return it (as float32)."""
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        return safetensors.torch.load_file(path)["pooled"].float()
-    pooled = compute()
-    with atomic_path(path) as temp:
-        safetensors.torch.save_file({"pooled": pooled.half().contiguous()}, temp,
-                                    metadata={k: json.dumps(v) for k, v in metadata.items()})
-    return pooled.half().float()

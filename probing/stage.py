@@ -1,4 +1,7 @@
-"""The probing stage for one model: capture every task (cached), probe all layers, return probes.parquet rows.
+"""The probing stage for one model: probe all layers of every task from the capture store, return probes.parquet rows.
+
+`probe_jobs` says what the per-model capture step must store for probing (every probing layer of every task,
+pooled, float32); `probe_model` reads only the store, so probing never loads a model.
 
 Also turns probes.parquet into the per-(model, task) and per-(model, phenomenon) scores that the merge-outcome
 logic (evaluation.outcomes) compares against the parents. The internals score of a task is the macro-F1 (Pearson
@@ -19,11 +22,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from merging.checkpoints import LoadOptions, content_digest, load_model
 from probing.build_suite import SUITE_DIR
-from probing.capture import LayerRunner, cached_capture, capture, capture_key, task_features, task_requests
+from probing.capture import HookRequest, Pool, probe_inputs, task_features
 from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_tasks, unknown_datasets
+from probing.hooks import layer_hooks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
+from probing.store import CaptureJob, CaptureStore, ModelRef
 from reports.tables import write_parquet
 
 PROBE_VERSION = "1"
@@ -84,37 +88,32 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
         pl.col("stderr").fill_nan(None))
 
 
-def probe_model(model_name: str, model_dir: Path, tasks: list[ProbingTask], options: LoadOptions, cache_dir: Path,
-                seeds: list[int], batch_size: int = 32, max_length: int = 128, pooling: str = "mean",
-                controls: bool = True, mdl: bool = False, log=print) -> pl.DataFrame:
-    """probes.parquet rows for one model. Captures and probe results are cached by content + settings, and the
-    model is loaded only when some task's capture is missing."""
-    digest = content_digest(model_dir)
-    runner = None
+def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", max_length: int = 128,
+               batch_size: int = 32) -> list[CaptureJob]:
+    """Per task: every probing layer (embeddings + each block's residual), pooled per request, float32."""
+    requests = tuple(HookRequest(hook, Pool()) for hook in layer_hooks(n_blocks))
+    return [CaptureJob(probe_inputs(task, pooling, max_length)[0], requests, batch_size) for task in tasks]
+
+
+def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, precision: str, seeds: list[int],
+                max_length: int = 128, pooling: str = "mean", controls: bool = True, mdl: bool = False,
+                log=print) -> pl.DataFrame:
+    """probes.parquet rows for one model from its stored captures; probe results are cached beside them by
+    capture keys + probe settings."""
     frames = []
-    for task in tasks:
-        key = capture_key(digest, task, pooling, max_length, options.precision)
-        settings = json.dumps([PROBE_VERSION, key, seeds, controls, mdl])
-        probe_path = Path(cache_dir) / "probes" / f"{hashlib.sha256(settings.encode()).hexdigest()[:24]}.parquet"
+    for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
+        keys = [job.key(request, model.digest, precision) for request in job.requests]
+        settings = json.dumps([PROBE_VERSION, [key.digest for key in keys], seeds, controls, mdl])
+        probe_path = store.root.parent / "probes" / f"{hashlib.sha256(settings.encode()).hexdigest()[:24]}.parquet"
         if probe_path.is_file():
-            frames.append(pl.read_parquet(probe_path).with_columns(pl.lit(model_name).alias("model")))
+            frames.append(pl.read_parquet(probe_path).with_columns(pl.lit(model.name).alias("model")))
             continue
-        requests, item_index = task_requests(task, pooling)
-
-        def compute(requests=requests, task=task):
-            nonlocal runner
-            if runner is None:
-                runner = LayerRunner(*load_model(model_dir, options))
-                log(f"{model_name}: capturing through {runner.backend}")
-            return capture(runner, requests, batch_size, max_length, progress=f"{model_name} {task.name}")
-
-        pooled = cached_capture(Path(cache_dir) / "captures", key, compute,
-                                {"model": model_name, "model_digest": digest, "task": task.name,
-                                 "pooling": pooling, "max_length": max_length, "precision": options.precision})
+        pooled = torch.stack([store.load(key)["value"].float() for key in keys])
+        _, item_index = probe_inputs(task, pooling, max_length)
         rows = probe_task(task_features(pooled, item_index), task, seeds, controls, mdl)
         write_parquet(rows, probe_path)
-        frames.append(rows.with_columns(pl.lit(model_name).alias("model")))
-        log(f"{model_name}: probed {task.name} ({rows['layer'].n_unique()} layers)")
+        frames.append(rows.with_columns(pl.lit(model.name).alias("model")))
+        log(f"{model.name}: probed {task.name} ({rows['layer'].n_unique()} layers)")
     return pl.concat(frames, how="diagonal_relaxed")
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from merging.checkpoints import LoadOptions, load_model
-from probing.capture import (CaptureError, LayerRunner, Request, cached_capture, capture, task_features,
-                             task_requests)
+from probing.capture import CaptureError, Request, capture, task_features, task_requests
 from probing.holmes import write_task
+from probing.hooks import HookRunner
 
 TEXTS = ["the cat sat on the mat", "a bird sings", "we walked home in the park today"]
 REQUESTS = [Request(TEXTS[0], "mean"), Request(TEXTS[0], "last"), Request(TEXTS[0], "span", 4, 7),
@@ -45,10 +45,8 @@ def reference(folder, requests, options=LoadOptions()):
 
 @pytest.mark.parametrize("backend", ["transformer-lens", "torch-hooks"])
 def test_capture_equals_hf_hidden_states(tiny_family, backend):
-    runner = LayerRunner(*load_model(tiny_family["a"], LoadOptions()))
-    assert runner.backend == "transformer-lens"
-    if backend == "torch-hooks":
-        runner.bridge = None
+    runner = HookRunner(*load_model(tiny_family["a"], LoadOptions()), backend=backend)
+    assert runner.backend == backend
     pooled = capture(runner, REQUESTS, batch_size=2)
     expected = reference(tiny_family["a"], REQUESTS)
     assert pooled.shape == (4, len(REQUESTS), 32)
@@ -60,7 +58,7 @@ def test_capture_equals_hf_on_real_model():
 
     base = build_family(("base",))["base"]
     requests = REQUESTS[:4]
-    runner = LayerRunner(*load_model(base, LoadOptions()))
+    runner = HookRunner(*load_model(base, LoadOptions()))
     pooled = capture(runner, requests, batch_size=4)
     assert pooled.shape == (31, len(requests), 576)
     expected = reference(base, requests)
@@ -69,12 +67,12 @@ def test_capture_equals_hf_on_real_model():
 
 
 def test_span_cut_off_by_max_length_is_a_clear_error(tiny_family):
-    runner = LayerRunner(*load_model(tiny_family["base"], LoadOptions()))
+    runner = HookRunner(*load_model(tiny_family["base"], LoadOptions()))
     with pytest.raises(CaptureError, match="no token covers span"):
         capture(runner, [Request(TEXTS[2], "span", 25, 30)], max_length=3)
 
 
-def test_pair_items_concatenate_and_cache_round_trips(tmp_path, tiny_family):
+def test_pair_items_concatenate(tmp_path, tiny_family):
     items = [{"inputs": [("cat", 0, 4, 7), ("mat", 1, 2, 5)], "context": ["the cat sat", "a mat"], "label": i % 2,
               "split": "train"} for i in range(2)]
     from probing.holmes import read_task
@@ -82,16 +80,7 @@ def test_pair_items_concatenate_and_cache_round_trips(tmp_path, tiny_family):
     task = read_task(write_task(tmp_path / "t", "t", "syntax", "SENTENCE_PAIR_TOKENS_BI", ["a", "b"], items))
     requests, index = task_requests(task)
     assert len(requests) == 2 and index.tolist() == [[0, 1], [0, 1]]  # identical items share their requests
-    runner = LayerRunner(*load_model(tiny_family["base"], LoadOptions()))
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return capture(runner, requests)
-
-    first = cached_capture(tmp_path / "cache", "k", compute, {"task": "t"})
-    again = cached_capture(tmp_path / "cache", "k", compute, {"task": "t"})
-    assert len(calls) == 1 and torch.equal(first, again)
-    features = task_features(first, index)
+    pooled = capture(HookRunner(*load_model(tiny_family["base"], LoadOptions())), requests)
+    features = task_features(pooled, index)
     assert features.shape == (4, 2, 64)
-    np.testing.assert_array_equal(features[:, 0, 32:], first[:, 1])
+    np.testing.assert_array_equal(features[:, 0, 32:], pooled[:, 1])

@@ -1,8 +1,13 @@
-"""The `merge-eval` Prefect flow end to end on the tiny family: run directory contract, resumption."""
+"""The `merge-eval` Prefect flow end to end on the tiny family: run directory contract, one model load per model
+per run (none on a resumed run), functional similarity for every pair, resumption."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
+from itertools import combinations, permutations
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -26,17 +31,38 @@ def tiny_config(tiny_family, tmp_path):
                                {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
         "behavior": {"limit": 4, "batch_size": 4},
         "probing": {"seeds": [0], "batch_size": 16, "tasks": ["noun_number", "tense"]},
+        "similarity": {"tokens": 512, "window": 32, "top_k": 64},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path):
+@pytest.fixture()
+def load_counter(monkeypatch) -> Counter:
+    """Counts `merging.checkpoints.load_model` calls per resolved folder, wherever a module bound it."""
+    import merging.checkpoints
+
+    original, loads = merging.checkpoints.load_model, Counter()
+
+    def counting(folder, *args, **kwargs):
+        loads[Path(folder).resolve()] += 1
+        return original(folder, *args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", counting)
+    return loads
+
+
+def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path, load_counter):
     from flows.pipeline import merge_eval
 
     run = RunDir(tmp_path / "run")
     assert merge_eval(config_path=str(tiny_config), run_dir=str(run.root)) == str(run.root)
+    folders = {name: path.resolve() for name, path in tiny_family.items()}
+    folders |= {name: run.model_dir(name).resolve() for name in ["a+b/linear", "a+b/dare_ties"]}
+    assert load_counter == Counter(folders.values()), "each model is loaded exactly once per run"
     resolved = yaml.safe_load((run.root / "config.yaml").read_text())
     assert resolved["name"] == "tiny" and resolved["_provenance"]["versions"]["mergekit"]
     assert resolved["_provenance"]["seeds"]["global"] == 1
@@ -56,9 +82,26 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tin
     assert tables["probes"]["layer"].n_unique() == 4  # embeddings + 3 blocks of the tiny model
     assert set(tables["outcomes"]["kind"]) == {"behavior", "internals"}
     assert set(tables["outcomes"]["model"]) == {"a+b/linear", "a+b/dare_ties"}
-    assert {"cosine", "kinship_pearson"} <= set(tables["similarity"]["feature"])
+    similarity = tables["similarity"]
+    assert {"cosine", "kinship_pearson"} <= set(similarity.filter(pl.col("source") == "weights")["feature"])
+    functional = similarity.filter(pl.col("source") == "functional")
+    order = list(folders)
+    pairs = set(combinations(sorted(models, key=order.index), 2))
+    for feature, scope, per_pair in [("activation_cosine", "layer", 4), ("cka", "layer", 4),
+                                     ("attention_cosine", "head", 3 * 4)]:
+        rows = functional.filter((pl.col("feature") == feature) & (pl.col("scope") == scope))
+        assert set(rows.select("model_a", "model_b").iter_rows()) == pairs
+        assert rows.group_by("model_a", "model_b").len()["len"].to_list() == [per_pair] * len(pairs)
+        assert rows["value"].is_between(-1.0 - 1e-9, 1.0 + 1e-9).all()
+    kl = functional.filter(pl.col("feature") == "kl")
+    assert set(kl.select("model_a", "model_b").iter_rows()) == set(permutations(models, 2))  # ordered pairs
+    assert set(kl["stat"]) == {"mean", "median", "q25", "q75", "q90"} and (kl["value"] >= 0).all()
+    assert functional.filter(pl.col("scope") == "global").group_by("model_a", "model_b", "feature").len()[
+        "len"].unique().to_list() == [5]
 
+    load_counter.clear()
     merge_eval(config_path=str(tiny_config), run_dir=str(run.root))
+    assert not load_counter, "a resumed run loads no model"
     for name, manifest in manifests.items():
         again = json.loads((run.model_dir(name) / "manifest.json").read_text())
         assert again == manifest, f"{name} was merged again instead of reused"

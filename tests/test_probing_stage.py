@@ -1,4 +1,5 @@
-"""The probing stage end to end: rows per model/task/layer/seed, content caching, internals outcomes, CLI."""
+"""The probing stage end to end: captures into the store, rows per model/task/layer/seed from the store only,
+probe caching, internals outcomes, CLI."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-import probing.stage as stage
 from evaluation.outcomes import compute_outcomes
 from flows.cli import main
 from merging.checkpoints import LoadOptions, load_model
 from merging.merge import MergeLineage
-from probing.capture import LayerRunner, capture, task_features, task_requests
+from probing.capture import capture, task_features, task_requests
+from probing.hooks import HookRunner
 from probing.probes import Split, probe_classification, standardise
-from probing.stage import internals_scores, load_tasks, probe_model
+from probing.stage import internals_scores, load_tasks, probe_jobs, probe_model
+from probing.store import CaptureStore, capture_model, model_ref
 from reports.tables import CONTRACT_COLUMNS, write_table
 
 TASKS = ["noun_number", "next_sentence", "sentence_length"]
@@ -23,11 +25,18 @@ TASKS = ["noun_number", "next_sentence", "sentence_length"]
 
 @pytest.fixture(scope="module")
 def tiny_probes(tiny_family, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("probe-cache")
+    store = CaptureStore(tmp_path_factory.mktemp("run-cache") / "captures")
     tasks = load_tasks("bundled", TASKS)
-    frames = [probe_model(name, tiny_family[name], tasks, LoadOptions(), cache, seeds=[0, 1, 2], mdl=True,
-                          log=lambda _: None) for name in ("base", "a", "b")]
-    return pl.concat(frames, how="diagonal_relaxed"), cache, tasks
+    frames = []
+    for name in ("base", "a", "b"):
+        model = model_ref(name, tiny_family[name])
+        jobs = probe_jobs(tasks, model.n_blocks)
+        assert store.missing(jobs, model.digest, "float32") == jobs
+        capture_model(HookRunner(*load_model(tiny_family[name], LoadOptions())), model, jobs, store, "float32",
+                      log=lambda _: None)
+        assert store.missing(jobs, model.digest, "float32") == []
+        frames.append(probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None))
+    return pl.concat(frames, how="diagonal_relaxed"), store, tasks
 
 
 def test_rows_cover_every_model_task_layer_seed(tiny_probes):
@@ -49,17 +58,16 @@ def test_rows_cover_every_model_task_layer_seed(tiny_probes):
     assert per_seed["values"].max() == 1 and per_seed["controls"].max() > 1
 
 
-def test_second_call_is_served_from_cache(tiny_probes, tiny_family, monkeypatch):
-    probes, cache, tasks = tiny_probes
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("model loaded although every capture is cached")
-
-    monkeypatch.setattr(stage, "load_model", no_load)
-    again = probe_model("a", tiny_family["a"], tasks, LoadOptions(), cache, seeds=[0, 1, 2], mdl=True,
-                        log=lambda _: None)
+def test_probing_reads_only_the_store(tiny_probes, tiny_family, tmp_path):
+    probes, store, tasks = tiny_probes
+    model = model_ref("a", tiny_family["a"])
+    for cached in (store.root.parent / "probes").glob("*.parquet"):
+        cached.unlink()  # probe results recomputed from the stored captures alone
+    again = probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None)
     first = probes.filter(pl.col("model") == "a").sort("task", "metric", "seed", "layer")
     assert again.sort("task", "metric", "seed", "layer").select(first.columns).equals(first)
+    with pytest.raises(FileNotFoundError, match="the per-model capture step has not run"):
+        probe_model(model, tasks, CaptureStore(tmp_path / "empty"), "float32", seeds=[0], log=lambda _: None)
 
 
 def test_internals_outcomes_per_task_and_phenomenon(tiny_probes):
@@ -97,7 +105,7 @@ def test_batched_probe_agrees_with_sklearn_per_layer_on_real_model():
 
     task = load_tasks("bundled", ["noun_number"])[0]
     requests, index = task_requests(task)
-    runner = LayerRunner(*load_model(build_family(("base",))["base"], LoadOptions()))
+    runner = HookRunner(*load_model(build_family(("base",))["base"], LoadOptions()))
     features = task_features(capture(runner, requests, batch_size=64), index)
     split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
     x = standardise(features, split.train)

@@ -3,7 +3,7 @@
 Every feature of every pair is a function of a few sufficient statistics — a Gram matrix, sums, and counts of
 (non-)zero and sign-agreeing coordinates — which add up over tensors. So one pass reads each tensor of every
 model once, in row chunks, and accumulates those statistics per scope (global, per layer, per module type);
-features are derived at the end. Feature definitions live in docs/FEATURES.md.
+features are derived at the end. Feature names and meanings: `probing.similarity.registry`, docs/FEATURES.md.
 
 Rows of the Gram matrix are the base parameters θ_b (at the base's index) and task vectors δ_i = θ_i − θ_b for
 the other models: parameter-space dot products follow as θ_i·θ_j = θ_b·θ_b + θ_b·δ_i + θ_b·δ_j + δ_i·δ_j, and
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from merging.checkpoints import content_digest
 from merging.streaming import StreamedCheckpoint, layer_of, module_of, stream_chunks
+from probing.similarity.registry import conform
 from reports.tables import read_cached, write_parquet
 
 ZERO_RTOL = 1e-6  # |δ| ≤ ZERO_RTOL·|θ_base| counts as unchanged: ~8 float32 ulps, far below any real update
@@ -160,7 +161,7 @@ def derive(stats: Stats, base: int) -> tuple[dict[str, np.ndarray], dict[str, np
 
 def _frame(columns: dict[str, list]) -> pl.DataFrame:
     frame = pl.DataFrame({k: np.concatenate(v).tolist() if v else [] for k, v in columns.items()}, schema=SCHEMA)
-    return frame.with_columns(pl.col("value").fill_nan(None))
+    return conform(frame.with_columns(pl.col("value").fill_nan(None)))
 
 
 def feature_rows(totals: dict[Key, Stats], names: list[str], base: str,
@@ -207,9 +208,11 @@ def weight_features(models: dict[str, Path], base: str, groups: dict[str, tuple[
 
 def code_version() -> str:
     """Digest of the code that computes the features: a change to it invalidates cached results."""
+    import merging.streaming
+
     digest = hashlib.sha256()
-    for module in ("streaming.py", "weight_features.py"):
-        digest.update((Path(__file__).parent / module).read_bytes())
+    for module in (Path(merging.streaming.__file__), Path(__file__)):
+        digest.update(module.read_bytes())
     return digest.hexdigest()[:16]
 
 

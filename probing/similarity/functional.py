@@ -1,0 +1,125 @@
+"""Functional similarity between every pair of models, from their stored captures of the unlabeled set.
+
+What each model stores (`functional_jobs`, written by the per-model capture step): every probing layer's token
+states (bfloat16), every block's attention pattern (causal triangle, bfloat16) and the top-k next-token
+log-probs + remaining mass. Features compare two models' stored captures one layer at a time, so no two models
+are ever loaded together, and no feature needs the vocabulary-sized distribution of more than k tokens.
+
+KL(p_a ‖ p_b) with top-k storage: over a's k most likely tokens + one bucket for the rest of a's mass; p_b is
+known exactly where the token is in b's top k, and elsewhere b's remaining mass is spread evenly over the tokens
+outside b's top k. Exact when k covers the vocabulary; the error on SmolLM2 is measured in bench/bench_capture.py.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations, permutations
+
+import numpy as np
+import polars as pl
+import torch
+
+from probing.capture import HookRequest, PackedPattern, Tokens, TopK
+from probing.hooks import LOGITS_HOOK, layer_hooks, pattern_hooks
+from probing.similarity.registry import conform, summary_rows
+from probing.similarity.unlabeled import TokenWindows
+from probing.store import CaptureJob, CaptureStore, ModelRef
+
+TOP_K = 256
+
+
+def functional_jobs(windows: TokenWindows, n_blocks: int, top_k: int = TOP_K, batch_size: int = 8) -> list[CaptureJob]:
+    requests = [HookRequest(h, Tokens()) for h in layer_hooks(n_blocks)]
+    requests += [HookRequest(h, PackedPattern()) for h in pattern_hooks(n_blocks)]
+    requests.append(HookRequest(LOGITS_HOOK, TopK(top_k)))
+    return [CaptureJob(windows, tuple(requests), batch_size)]
+
+
+def activation_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens (rows) of cos(x_t, y_t)."""
+    return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean().item()
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of [n, d_x] and [n, d_y] (Kornblith et al. 2019, eq. for the linear kernel on centred
+    features): ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F). Hand-written: no maintained library ships CKA for torch tensors."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    return (cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
+
+
+def pattern_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per head: cosine of the flattened attention patterns [windows, heads, ...] -> [heads]."""
+    a, b = a.double().transpose(0, 1).flatten(1), b.double().transpose(0, 1).flatten(1)
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: int,
+            chunk: int = 1024) -> torch.Tensor:
+    """Per-token KL(p_a ‖ p_b) in nats from two TopK captures (flattened to [n, k]); see the module docstring."""
+    logp_a, idx_a, rest_a = (a[k].reshape(-1, a[k].shape[-1]) if a[k].dim() > 2 else a[k].reshape(-1)
+                             for k in ("logprobs", "indices", "log_rest"))
+    logp_b, idx_b, rest_b = (b[k].reshape(-1, b[k].shape[-1]) if b[k].dim() > 2 else b[k].reshape(-1)
+                             for k in ("logprobs", "indices", "log_rest"))
+    outside = max(vocab_size - idx_b.shape[-1], 1)
+    out = []
+    for s in range(0, len(logp_a), chunk):
+        la, ia, ra = logp_a[s:s + chunk].double(), idx_a[s:s + chunk], rest_a[s:s + chunk].double()
+        lb, ib, rb = logp_b[s:s + chunk].double(), idx_b[s:s + chunk], rest_b[s:s + chunk].double()
+        match = ia[:, :, None] == ib[:, None, :]  # [n, k_a, k_b]
+        found = match.any(-1)
+        known = torch.where(match, lb[:, None, :], torch.zeros((), dtype=lb.dtype)).sum(-1)
+        log_q = torch.where(found, known, (rb - np.log(outside))[:, None])
+        p_a = la.exp()
+        q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
+        r_a = ra.exp()
+        head = (p_a * (la - log_q)).sum(-1)
+        tail = torch.xlogy(r_a, r_a) - torch.xlogy(r_a, q_rest)
+        out.append(head + tail)
+    return torch.cat(out)
+
+
+def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: ModelRef, precision: str):
+    return store.load(job.key(request, model.digest, precision))
+
+
+def functional_features(models: list[ModelRef], windows: TokenWindows, store: CaptureStore, precision: str,
+                        top_k: int = TOP_K) -> pl.DataFrame:
+    """similarity.parquet rows (source functional) for every pair of `models` (KL: every ordered pair).
+
+    Layer numbering as in probing: `activation_cosine`/`cka` layer 0 = embeddings, i = after block i-1;
+    `attention_cosine` rows of block i carry layer i + 1 (the residual layer that block writes) and `head`.
+    """
+    jobs = {m.name: functional_jobs(windows, m.n_blocks, top_k)[0] for m in models}
+    if len({m.n_blocks for m in models}) > 1:
+        raise ValueError(f"functional similarity needs models of one depth; got {[m.n_blocks for m in models]}")
+    rows: list[dict] = []
+    per_pair: dict[tuple[str, str, str], list[float]] = {}
+    n_tokens = windows.n_rows * windows.window
+
+    def requests(kind):
+        return [r for r in jobs[models[0].name].requests if isinstance(r.reducer, kind)]
+
+    for layer, request in enumerate(requests(Tokens)):
+        states = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"].float().flatten(0, 1)
+                  for m in models}
+        for a, b in combinations(models, 2):
+            for feature, fn in (("activation_cosine", activation_cosine), ("cka", linear_cka)):
+                value = fn(states[a.name], states[b.name])
+                per_pair.setdefault((a.name, b.name, feature), []).append(value)
+                rows.append({"model_a": a.name, "model_b": b.name, "feature": feature, "scope": "layer",
+                             "layer": layer, "value": value, "n": n_tokens})
+    for block, request in enumerate(requests(PackedPattern)):
+        patterns = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"] for m in models}
+        for a, b in combinations(models, 2):
+            values = pattern_cosine(patterns[a.name], patterns[b.name]).tolist()
+            per_pair.setdefault((a.name, b.name, "attention_cosine"), []).extend(values)
+            rows += [{"model_a": a.name, "model_b": b.name, "feature": "attention_cosine", "scope": "head",
+                      "layer": block + 1, "head": head, "value": v, "n": n_tokens} for head, v in enumerate(values)]
+    (logits,) = requests(TopK)
+    top = {m.name: _layer(store, jobs[m.name], logits, m, precision) for m in models}
+    for a, b in permutations(models, 2):
+        per_pair[(a.name, b.name, "kl")] = topk_kl(top[a.name], top[b.name], b.vocab_size).tolist()
+    for (a, b, feature), values in per_pair.items():
+        rows += summary_rows(values, model_a=a, model_b=b, feature=feature)
+    return conform(pl.DataFrame(rows, infer_schema_length=None).with_columns(source=pl.lit("functional")))

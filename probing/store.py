@@ -1,0 +1,118 @@
+"""The public capture store: one safetensors file per (model content, input set, hook, reducer, settings).
+
+Probing and functional similarity both read it; only the per-model capture step (`capture_model`, run while the
+model is loaded for behaviour) writes it. A key names everything a captured value depends on: the model's content
+digest, the input set's digest, the hook, the reducer (which carries the storage dtype), the model precision, the
+tokenisation length and `CAPTURE_VERSION` (bumped when capture code changes what it stores). Files are written
+through a temp file + rename, so an interrupted capture leaves an entry whole or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from probing.capture import HookRequest, InputSet, run_capture
+from probing.hooks import HookRunner
+from reports.tables import atomic_path
+
+CAPTURE_VERSION = "2"  # 2: hook requests + reducers, float32/bfloat16 storage (1 stored pooled layers in fp16)
+
+
+@dataclass(frozen=True)
+class CaptureKey:
+    model_digest: str
+    inputs_digest: str
+    hook: str
+    reducer: str
+    precision: str
+    max_length: int
+    version: str = CAPTURE_VERSION
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the capture consumers see it: name, folder, content digest and the shape facts keys need."""
+
+    name: str
+    folder: Path
+    digest: str
+    n_blocks: int
+    vocab_size: int
+
+
+def model_ref(name: str, folder: Path) -> ModelRef:
+    """Reads only config.json and the content digest: deciding what is cached never loads weights."""
+    from transformers import AutoConfig
+
+    from merging.checkpoints import content_digest
+
+    config = AutoConfig.from_pretrained(folder)
+    return ModelRef(name, Path(folder), content_digest(folder), config.num_hidden_layers, config.vocab_size)
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """Hook requests over one input set."""
+
+    inputs: InputSet = field(compare=False)
+    requests: tuple[HookRequest, ...]
+    batch_size: int = 32
+
+    def key(self, request: HookRequest, model_digest: str, precision: str) -> CaptureKey:
+        return CaptureKey(model_digest, self.inputs.digest, request.hook, request.reducer.name, precision,
+                          self.inputs.max_length)
+
+
+class CaptureStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, key: CaptureKey) -> Path:
+        return self.root / key.digest[:2] / f"{key.digest}.safetensors"
+
+    def has(self, key: CaptureKey) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: CaptureKey) -> dict[str, torch.Tensor]:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no capture for {key.hook} ({key.reducer}) of model {key.model_digest[:12]} "
+                                    f"on inputs {key.inputs_digest[:12]}: the per-model capture step has not run")
+        return safetensors.torch.load_file(path)
+
+    def save(self, key: CaptureKey, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        with atomic_path(self.path(key)) as temp:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temp,
+                                        metadata={**{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata})
+
+    def missing(self, jobs: Sequence[CaptureJob], model_digest: str, precision: str) -> list[CaptureJob]:
+        """The jobs (each cut down to its missing requests) that still need the model."""
+        out = []
+        for job in jobs:
+            requests = tuple(r for r in job.requests if not self.has(job.key(r, model_digest, precision)))
+            if requests:
+                out.append(CaptureJob(job.inputs, requests, job.batch_size))
+        return out
+
+
+def capture_model(runner: HookRunner, model: ModelRef, jobs: Sequence[CaptureJob], store: CaptureStore,
+                  precision: str, log: Callable[[str], None] = print) -> None:
+    """Run every job on the loaded model and store each request's output under its key."""
+    for job in jobs:
+        outputs = run_capture(runner, job.inputs, job.requests, job.batch_size,
+                              progress=f"{model.name} {job.inputs.name}")
+        for request, tensors in outputs.items():
+            store.save(job.key(request, model.digest, precision), tensors,
+                       {"model": model.name, "inputs": job.inputs.name})
+        log(f"{model.name}: captured {len(job.requests)} hook(s) on {job.inputs.name} through {runner.backend}")
