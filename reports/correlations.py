@@ -26,6 +26,7 @@ n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -33,6 +34,7 @@ import polars as pl
 from scipy import stats
 
 from evaluation.outcomes import metric_key
+from reports.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
 RESAMPLES = 1000
@@ -272,8 +274,8 @@ def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, se
     for (size,), block in tests.partition_by("size", as_dict=True).items():
         x = block["xv"].list.to_array(size).to_numpy().reshape(-1, size)
         y = block["yv"].list.to_array(size).to_numpy().reshape(-1, size)
-        found = correlate_block(x, y, units, seed, resamples)
-        frames.append(block.drop("xv", "yv", "size").with_row_index("test").join(found.with_columns(pl.col("test").cast(pl.UInt32)), on="test").drop("test"))
+        found = correlate_block(x, y, units, seed, resamples).with_columns(pl.col("test").cast(pl.UInt32))
+        frames.append(block.drop("xv", "yv", "size").with_row_index("test").join(found, on="test").drop("test"))
     if not frames:
         return pl.DataFrame(schema=SCHEMA)
     family = pl.concat_str(pl.lit(analysis), pl.col("view").fill_null("global"), "method", separator="|")
@@ -308,6 +310,12 @@ def correlations(tables: Mapping[str, pl.DataFrame | None], seed: int = 0,
                                  resamples))
         frames.append(_correlate(xs.filter(pl.col("view") == "per_layer"), ys.filter(pl.col("y_level") == "group"),
                                  "selector~outcome", "merges", seed, resamples))
-    frame = pl.concat([f.select(SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=SCHEMA)
+    frame = pl.concat([f.select(*SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=SCHEMA)
     return with_q(frame.cast(SCHEMA)).sort("family", "x_kind", "x", "y_kind", "y", "y_metric", "view", "layer",
                                            "method", nulls_last=True)
+
+
+def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> Path:
+    """Read the run's tables from `tables_dir`, write correlations.parquet beside them."""
+    tables = {name: read_table(tables_dir, name) for name in ("behavior", "probes", "similarity", "outcomes")}
+    return write_table(tables_dir, "correlations", correlations(tables, seed, resamples))
