@@ -18,6 +18,7 @@ from typing import Sequence
 
 import polars as pl
 
+from evaluation.outcomes import metric_key
 from evaluation.suites import get_suite, task_manager
 from merging.checkpoints import LoadOptions, content_digest, load_model
 from reports.tables import atomic_write_text, read_cached
@@ -26,6 +27,8 @@ CACHE_SUBDIR = "behavior"
 BEHAVIOR_SCHEMA = {"model": pl.String, "suite": pl.String, "task": pl.String, "group": pl.String,
                    "level": pl.String, "metric": pl.String, "filter": pl.String, "value": pl.Float64,
                    "stderr": pl.Float64, "n": pl.Int64, "higher_is_better": pl.Boolean}
+ITEMS_SCHEMA = {"model": pl.String, "task": pl.String, "doc_id": pl.Int64, "filter": pl.String, "metric": pl.String,
+                "value": pl.Float64}
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class BehaviorSettings:
     seed: int = 0
 
     def cache_key(self, model_digest: str) -> str:
-        parts = {"model": model_digest, "settings": asdict(self), "lm_eval": version("lm_eval"),
+        # "samples": results carry lm-eval's per-item samples (older cache entries, without them, are not hits)
+        parts = {"model": model_digest, "settings": asdict(self), "lm_eval": version("lm_eval"), "samples": True,
                  "suites": {name: get_suite(name).digest() for name in self.suites}}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -48,7 +52,9 @@ class BehaviorSettings:
 def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
     """lm-eval's `simple_evaluate` on an in-memory model; returns its result made JSON-serialisable.
 
-    `tasks` picks tasks or groups inside the settings' suites (default: each suite whole).
+    `tasks` picks tasks or groups inside the settings' suites (default: each suite whole). The result keeps
+    lm-eval's logged samples (`samples`: task -> per-item records, as its CLI's --log_samples writes them), the
+    per-item scores that paired merge-vs-parent tests need (`sample_items`).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -59,7 +65,7 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
     result = simple_evaluate(
         model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks]), task_manager=task_manager(suites),
-        limit=settings.limit, log_samples=False, random_seed=settings.seed,
+        limit=settings.limit, log_samples=True, random_seed=settings.seed,
         numpy_random_seed=1234 + settings.seed, torch_random_seed=1234 + settings.seed,
         fewshot_random_seed=1234 + settings.seed)
     return json.loads(json.dumps(result, default=handle_non_serializable))
@@ -91,6 +97,59 @@ def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, 
     text = json.dumps(raw, indent=1)
     atomic_write_text(Path(cache_dir) / CACHE_SUBDIR / f"{key}.json", text)
     return json.loads(text)  # what a cache hit returns, to the type (tuples become lists)
+
+
+def without_samples(raw: dict) -> dict:
+    """The raw result without its per-item samples: what is kept as JSON beside the tables (the samples, large,
+    live in the behavior_items table)."""
+    return {key: value for key, value in raw.items() if key != "samples"}
+
+
+def _item_value(value: object) -> float | None:
+    """A per-sample metric value as a number: bools (lm-eval's is_greedy) count 0/1; other types (bleu's
+    (reference, prediction) pairs) are not per-item scores whose mean is the metric, so they give None."""
+    return float(value) if isinstance(value, (bool, int, float)) else None
+
+
+def sample_items(raw: dict, model: str) -> pl.DataFrame:
+    """behavior_items rows: one per (task, doc_id, filter, metric) in lm-eval's logged samples, numeric values."""
+    rows = [{"model": model, "task": task, "doc_id": sample["doc_id"], "filter": sample["filter"], "metric": metric,
+             "value": _item_value(sample.get(metric))}
+            for task, samples in raw.get("samples", {}).items() for sample in samples for metric in sample["metrics"]]
+    return pl.DataFrame(rows, schema=ITEMS_SCHEMA).filter(pl.col("value").is_not_null())
+
+
+def outcome_items(behavior: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """Per-item scores in evaluation.paired.behavior_paired_tests' shape (model, task, level, metric, item,
+    value, higher_is_better), for every behaviour row whose value is the mean of its items: a task's metric over
+    its docs, and a group's over all its tasks' docs (lm-eval's weight_by_size mean). A row whose value is not
+    that mean (another aggregation) gets no items, and its outcome falls back to stderr bands."""
+    keyed = items.with_columns(metric_key().alias("metric")).select(
+        "model", "task", "metric", pl.col("doc_id").cast(pl.String).alias("doc"), "value")
+    rows = outcome_scores(behavior)
+    parent = dict(behavior.select("task", "group").unique().drop_nulls().iter_rows())
+    ancestry = [(task, ancestor) for task in keyed["task"].unique() for ancestor in _ancestors(task, parent)]
+    leaves = pl.DataFrame(ancestry, schema={"task": pl.String, "group_name": pl.String}, orient="row")
+    per_level = pl.concat([
+        keyed.select("model", "task", "metric", pl.lit("task").alias("level"), pl.col("doc").alias("item"),
+                     "value"),
+        keyed.join(leaves, on="task").select("model", pl.col("group_name").alias("task"), "metric",
+                                             pl.lit("group").alias("level"),
+                                             pl.concat_str("task", "doc", separator="/").alias("item"), "value"),
+    ])
+    means = per_level.group_by("model", "task", "level", "metric").agg(pl.col("value").mean().alias("item_mean"))
+    exact = rows.join(means, on=["model", "task", "level", "metric"]).filter(
+        (pl.col("value") - pl.col("item_mean")).abs() <= 1e-9).select("model", "task", "level", "metric",
+                                                                      "higher_is_better")
+    return per_level.join(exact, on=["model", "task", "level", "metric"])
+
+
+def _ancestors(task: str, parent: dict[str, str]) -> list[str]:
+    chain = []
+    while task in parent:
+        task = parent[task]
+        chain.append(task)
+    return chain
 
 
 def _number(value: object) -> float | None:
@@ -145,6 +204,5 @@ def _higher_is_better(name: str, table: dict[str, dict], children: dict[str, lis
 
 def outcome_scores(behavior: pl.DataFrame) -> pl.DataFrame:
     """The behaviour table in `evaluation.outcomes.compute_outcomes`'s input shape (one row per key)."""
-    metric = pl.when(pl.col("filter") == "none").then(pl.col("metric")).otherwise(
-        pl.concat_str("metric", "filter", separator=","))
-    return behavior.select("model", "task", "level", metric.alias("metric"), "value", "stderr", "higher_is_better")
+    return behavior.select("model", "task", "level", metric_key().alias("metric"), "value", "stderr",
+                           "higher_is_better")

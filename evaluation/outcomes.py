@@ -9,7 +9,11 @@ is better (o = value, or -value where higher_is_better is false). On that key:
 
 - expert E = the parent with the highest oriented score, aux A = the parent with the lowest (for two parents:
   the better and the worse parent on THIS task; for our family the domain child is the expert on its domain).
-- relation (the seed paper's Figs 3-4): "better" if o_M - o_E > tol_E, "worse" if o_A - o_M > tol_A, else
+- relation (the seed paper's Figs 3-4), decided by `relation_test`:
+  "paired_bootstrap" where `paired` (evaluation.paired) holds the merge's paired tests against both E and A on the
+  items both answered: "better" if the 95% CI of o_M - o_E lies above 0, "worse" if that of o_M - o_A lies below
+  0, else "between"; the differences, CIs and p-values are in diff_expert*, diff_aux*, p_expert, p_aux.
+  "stderr" otherwise (scores without items): "better" if o_M - o_E > tol_E, "worse" if o_A - o_M > tol_A, else
   "between"; tol_X = sqrt(se_M^2 + se_X^2), one standard error of the difference, so a merge within noise of
   a parent counts as equal to it. A missing stderr counts as 0 (an exact score).
 - delta_expert = o_M - o_E, delta_aux = o_M - o_A (SimMerge, Δexpert / Δaux: positive = merge is better).
@@ -27,14 +31,24 @@ NaN metrics, and says why.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import polars as pl
 
-from merging.merge import MergeLineage
+from evaluation.paired import PAIRED_SCHEMA
+
+if TYPE_CHECKING:  # the class only: importing merging.merge costs seconds (torch) that reports need not pay
+    from merging.merge import MergeLineage
 
 OPTIONAL_KEYS = ("level", "metric")
 _NAN = float("nan")
+
+
+def metric_key() -> pl.Expr:
+    """A behaviour row's `metric` key for outcomes (and correlations): lm-eval's metric name, with its filter
+    appended ("exact_match,strict-match") unless the filter is "none"."""
+    return pl.when(pl.col("filter") == "none").then(pl.col("metric")).otherwise(
+        pl.concat_str("metric", "filter", separator=","))
 
 
 def _key_columns(scores: pl.DataFrame) -> list[str]:
@@ -81,8 +95,24 @@ def _safe_ratio(num: pl.Expr, den: pl.Expr, defined: pl.Expr) -> pl.Expr:
     return pl.when(defined).then(num / den).otherwise(pl.lit(_NAN))
 
 
-def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kind: str) -> pl.DataFrame:
-    """One row per (merge, task[, level, metric]): relation, gap_closed, normalized and the extras above."""
+def _paired_columns(paired: pl.DataFrame | None, keys: list[str], role: str) -> pl.DataFrame:
+    """The paired test of each (merge, key) against its `role` parent ("expert" | "aux"), columns suffixed."""
+    if paired is None:
+        paired = pl.DataFrame(schema={"model": pl.String, "parent": pl.String, **{k: pl.String for k in keys},
+                                      **PAIRED_SCHEMA})
+    return paired.select("model", pl.col("parent").alias(role), *keys,
+                         pl.col("diff").alias(f"diff_{role}"), pl.col("ci_low").alias(f"diff_{role}_low"),
+                         pl.col("ci_high").alias(f"diff_{role}_high"), pl.col("p").alias(f"p_{role}"),
+                         pl.col("n_items").alias(f"n_items_{role}"))
+
+
+def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kind: str,
+                     paired: pl.DataFrame | None = None) -> pl.DataFrame:
+    """One row per (merge, task[, level, metric]): relation, gap_closed, normalized and the extras above.
+
+    `paired`: evaluation.paired's tests (model, parent, the scores' key columns, diff, ci_low, ci_high, p,
+    n_items); rows without a test for both parents fall back to the stderr bands.
+    """
     keys = _key_columns(scores)
     scores = _oriented(scores)
     lineage = _lineage_frame(lineages)
@@ -91,7 +121,9 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
                            pl.col("stderr").alias("se_merge"), pl.col("o").alias("o_merge"))
     hib = scores.group_by(keys).agg(pl.col("higher_is_better").drop_nulls().first().alias("hib"))
     frame = (summary.join(merged, on=["model", *keys], how="left")
-             .join(hib, on=keys, how="left").join(lineage.drop("parents"), on="model"))
+             .join(hib, on=keys, how="left").join(lineage.drop("parents"), on="model")
+             .join(_paired_columns(paired, keys, "expert"), on=["model", "expert", *keys], how="left")
+             .join(_paired_columns(paired, keys, "aux"), on=["model", "aux", *keys], how="left"))
 
     complete = (pl.col("o_merge").is_not_null() & pl.col("unscored").list.len().eq(0)
                 & pl.col("o_expert").is_not_null())
@@ -113,9 +145,15 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
             pl.lit("normalized undefined: non-positive denominator score")),
     ).list.drop_nulls()
 
+    tested = pl.col("diff_expert").is_not_null() & pl.col("diff_aux").is_not_null()
     out = frame.with_columns(
         pl.lit(kind).alias("kind"),
+        pl.when(~complete).then(pl.lit(None, pl.String)).when(tested).then(pl.lit("paired_bootstrap"))
+        .otherwise(pl.lit("stderr")).alias("relation_test"),
         pl.when(~complete).then(pl.lit(None, pl.String))
+        .when(tested & (pl.col("diff_expert_low") > 0)).then(pl.lit("better"))
+        .when(tested & (pl.col("diff_aux_high") < 0)).then(pl.lit("worse"))
+        .when(tested).then(pl.lit("between"))
         .when(pl.col("o_merge") - pl.col("o_expert") > tol_e).then(pl.lit("better"))
         .when(pl.col("o_aux") - pl.col("o_merge") > tol_a).then(pl.lit("worse"))
         .otherwise(pl.lit("between")).alias("relation"),
@@ -131,5 +169,7 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
     )
     return out.select(
         "model", "method", "parent_a", "parent_b", *keys, "kind", "relation", "gap_closed", "normalized",
-        "delta_expert", "delta_aux", "merge_gain", "expert", "aux", "value_merge", "value_expert", "reason",
+        "delta_expert", "delta_aux", "merge_gain", "expert", "aux", "value_merge", "value_expert", "relation_test",
+        *(c for role in ("expert", "aux") for c in (f"diff_{role}", f"diff_{role}_low", f"diff_{role}_high",
+                                                    f"p_{role}", f"n_items_{role}")), "reason",
     ).sort("model", *keys)

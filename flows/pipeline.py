@@ -105,9 +105,11 @@ def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
 
 
 @task(name="model", cache_policy=NO_CACHE, task_run_name="model {name}")
-def model_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig) -> pl.DataFrame:
-    """Behaviour + every capture of one model from a single load (none when all are cached); behaviour rows."""
-    from evaluation.behavior import cached_score, score_model, tidy
+def model_task(name: str, folder: Path, run: RunDir,
+               config: ExperimentConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Behaviour + every capture of one model from a single load (none when all are cached): its behavior and
+    behavior_items rows; its raw lm-eval JSON, less the per-item samples, kept beside the tables."""
+    from evaluation.behavior import cached_score, sample_items, score_model, tidy, without_samples
     from probing.hooks import HookRunner
     from probing.store import capture_model
 
@@ -125,8 +127,8 @@ def model_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig) -
             capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.info)
         del loaded
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
-                      json.dumps(raw, indent=1))
-    return tidy(raw, name)
+                      json.dumps(without_samples(raw), indent=1))
+    return tidy(raw, name), sample_items(raw, name)
 
 
 @task(name="probing", cache_policy=NO_CACHE)
@@ -169,6 +171,14 @@ def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
     return replace_rows(run.tables, "outcomes", rows, "kind", "internals")
 
 
+@task(name="correlations", cache_policy=NO_CACHE)
+def correlations_task(run: RunDir, config: ExperimentConfig) -> Path:
+    """correlations.parquet from the run's tables (reports.correlations)."""
+    from reports.correlations import correlate_run
+
+    return correlate_run(run.tables, seed=config.seed)
+
+
 def behavior_settings(config: ExperimentConfig):
     from evaluation.behavior import BehaviorSettings
 
@@ -178,16 +188,21 @@ def behavior_settings(config: ExperimentConfig):
 
 
 @task(name="behavior-tables", cache_policy=NO_CACHE)
-def behavior_tables_task(frames: list[pl.DataFrame], run: RunDir, config: ExperimentConfig) -> Path:
-    """behavior.parquet for every model, and merge-vs-parents outcomes (kind=behavior) per task and group."""
-    from evaluation.behavior import outcome_scores
+def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], run: RunDir,
+                         config: ExperimentConfig) -> Path:
+    """behavior.parquet and behavior_items.parquet for every model, and merge-vs-parents outcomes
+    (kind=behavior) per task and group, decided by paired tests on the items."""
+    from evaluation.behavior import outcome_items, outcome_scores
     from evaluation.outcomes import compute_outcomes
+    from evaluation.paired import behavior_paired_tests
 
-    behavior = pl.concat(frames)
+    behavior, items = (pl.concat(parts) for parts in zip(*frames))
     write_table(run.tables, "behavior", behavior)
-    return replace_rows(run.tables, "outcomes",
-                        compute_outcomes(outcome_scores(behavior), merge_lineages(config), "behavior"),
-                        "kind", "behavior")
+    write_table(run.tables, "behavior_items", items)
+    lineages = merge_lineages(config)
+    paired = behavior_paired_tests(outcome_items(behavior, items), lineages, seed=config.seed)
+    return replace_rows(run.tables, "outcomes", compute_outcomes(outcome_scores(behavior), lineages, "behavior",
+                                                                 paired=paired), "kind", "behavior")
 
 
 @flow(name="merge-eval")
@@ -214,4 +229,5 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     if config.similarity.functional:
         functional_similarity_task(model_dirs, run, config)
     internals_outcomes_task(run, config)
+    correlations_task(run, config)
     return str(run.root)

@@ -29,7 +29,10 @@ CONTRACT_COLUMNS: dict[str, tuple[str, ...]] = {
                "selectivity", "seed", "n_train", "n_test"),
     "similarity": ("model_a", "model_b", "feature", "layer", "value"),
     "outcomes": ("model", "method", "parent_a", "parent_b", "task", "kind", "relation", "gap_closed", "normalized"),
-    "correlations": ("x", "y", "method", "n", "r", "ci_low", "ci_high", "p", "q"),
+    "correlations": ("x", "y", "method", "n", "r", "ci_low", "ci_high", "p", "q", "family", "view", "layer", "x_kind",
+                     "y_kind", "reason"),
+    "behavior_items": ("model", "task", "doc_id", "metric", "value"),
+    "probe_items": ("model", "task", "layer", "item_id", "label", "prediction"),
 }
 
 

@@ -10,7 +10,8 @@ import sys
 import polars as pl
 import pytest
 
-from evaluation.behavior import BehaviorSettings, outcome_scores, score_model, tidy
+from evaluation.behavior import (BehaviorSettings, outcome_items, outcome_scores, sample_items, score_model, tidy,
+                                 without_samples)
 from evaluation.suites import SuiteError, get_suite, task_manager
 from merging.checkpoints import LoadOptions
 
@@ -30,7 +31,7 @@ def test_wrapper_equals_lm_eval_cli(tiny_family, tiny_scores, tmp_path):
     command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                f"pretrained={tiny_family['base']},dtype=float32", "--tasks", "merge_eval_offline",
                "--include_path", str(get_suite("offline").include_path), "--batch_size", "4",
-               "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out)]
+               "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out), "--log_samples"]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     cli = json.loads(next(out.rglob("results_*.json")).read_text())
     assert set(cli["results"]) == set(raw["results"]) and len(raw["results"]) == 15  # 10 tasks + 5 groups
@@ -40,6 +41,17 @@ def test_wrapper_equals_lm_eval_cli(tiny_family, tiny_scores, tmp_path):
         for key, value in numeric.items():
             assert raw["results"][task][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, key)
     assert cli["higher_is_better"] == raw["higher_is_better"]
+    # per-item scores: our items table against the CLI's samples_<task>_<date>.jsonl, line by line
+    expected = []
+    for path in out.rglob("samples_*.jsonl"):
+        for line in path.read_text().splitlines():
+            sample = json.loads(line)
+            task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+            expected += [(task, sample["doc_id"], sample["filter"], m, float(sample[m])) for m in sample["metrics"]]
+    items = sample_items(raw, "base")
+    assert len(expected) == items.height == 10 * LIMIT + 7 * LIMIT  # acc everywhere, acc_norm on 7 choice tasks
+    assert sorted(items.select("task", "doc_id", "filter", "metric", "value").iter_rows()) == sorted(expected)
+    assert set(items["model"]) == {"base"}
 
 
 def test_tidy_keeps_every_metric_with_direction_stderr_and_n(tiny_scores):
@@ -58,6 +70,34 @@ def test_tidy_keeps_every_metric_with_direction_stderr_and_n(tiny_scores):
     assert set(rows["suite"]) == {"offline"}
     scores = outcome_scores(rows)
     assert scores.select("model", "task", "level", "metric").is_unique().all()
+
+
+def test_items_mean_to_the_scores_and_raw_json_drops_them(tiny_scores):
+    raw, _, _ = tiny_scores
+    assert "samples" in raw and "samples" not in without_samples(raw) and without_samples(raw)["results"]
+    behavior = tidy(raw, "base")
+    items = outcome_items(behavior, sample_items(raw, "base"))
+    # every task row and the weight_by_size acc groups are item means; acc_norm groups are not aggregated
+    keys = items.select("task", "level", "metric").unique()
+    assert keys.filter(pl.col("level") == "task").height == 17
+    assert sorted(keys.filter(pl.col("level") == "group")["task"]) == sorted(
+        behavior.filter(pl.col("level") == "group")["task"].unique())
+    top = items.filter(pl.col("task") == "merge_eval_offline")
+    assert top.height == 10 * LIMIT and top["item"].str.contains("/").all()
+    assert top["value"].mean() == pytest.approx(raw["results"]["merge_eval_offline"]["acc,none"], abs=1e-12)
+
+
+def test_outcome_items_skip_rows_that_are_not_item_means():
+    behavior = pl.DataFrame({"model": ["m"] * 3, "task": ["t1", "t2", "g"], "group": ["g", "g", None],
+                             "level": ["task", "task", "group"], "metric": ["acc"] * 3, "filter": ["none"] * 3,
+                             "value": [0.5, 1.0, 0.75], "stderr": [None] * 3, "higher_is_better": [True] * 3})
+    items = pl.DataFrame({"model": ["m"] * 4, "task": ["t1", "t1", "t2", "t2"], "doc_id": [0, 1, 0, 1],
+                          "filter": ["none"] * 4, "metric": ["acc"] * 4, "value": [1.0, 0.0, 1.0, 1.0]})
+    found = outcome_items(behavior, items)
+    assert sorted(found.filter(pl.col("task") == "g")["item"]) == ["t1/0", "t1/1", "t2/0", "t2/1"]
+    unweighted = behavior.with_columns(pl.when(pl.col("task") == "g").then(0.7).otherwise(pl.col("value"))
+                                       .alias("value"))  # not the items' mean: no items, stderr fallback
+    assert set(outcome_items(unweighted, items)["task"]) == {"t1", "t2"}
 
 
 def test_cache_hits_by_content_and_misses_on_new_settings(tiny_family, tiny_scores, monkeypatch):

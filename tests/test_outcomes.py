@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 
 from evaluation.outcomes import compute_outcomes
+from evaluation.paired import behavior_paired_tests, paired_bootstrap, probe_paired_tests
 from merging.merge import MergeLineage
 from reports.tables import CONTRACT_COLUMNS
 
@@ -119,3 +121,164 @@ def test_unknown_direction_is_reported_not_guessed():
     r = compute_outcomes(scores, LINEAGES[:1], "behavior").row(0, named=True)
     assert r["relation"] is None and math.isnan(r["gap_closed"])
     assert r["reason"] == "higher_is_better unknown: cannot orient the scores"
+
+
+# ------------------------------------------------------------------------------------- paired merge-vs-parent tests
+
+def _by_hand(merge: np.ndarray, parent: np.ndarray, seed: int, resamples: int) -> tuple[float, float, float, float]:
+    """The paired bootstrap written out: resample item indices, mean difference per resample, percentile CI and the
+    add-one two-sided p."""
+    index = np.random.default_rng(seed).integers(0, len(merge), (resamples, len(merge)))
+    boot = np.array([(merge[i] - parent[i]).mean() for i in index])
+    far = min((boot <= 0).sum(), (boot >= 0).sum())
+    return ((merge - parent).mean(), np.percentile(boot, 2.5), np.percentile(boot, 97.5),
+            min(1.0, 2 * (1 + far) / (resamples + 1)))
+
+
+def test_paired_bootstrap_equals_a_hand_computation():
+    merge = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=float)
+    parent = np.array([0, 1, 0, 0, 1, 0, 0, 1, 0, 1], dtype=float)
+    found = paired_bootstrap([lambda c: c @ (merge - parent) / c.sum(-1)], [10], seed=3, resamples=500)
+    diff, low, high, p = _by_hand(merge, parent, 3, 500)
+    assert found["diff"] == pytest.approx(0.4) == pytest.approx(diff)
+    assert (found["ci_low"], found["ci_high"], found["p"]) == pytest.approx((low, high, p))
+    assert found["n_items"] == 10 and low > 0  # 4 wins, no losses: resolved as better
+
+
+def test_identical_answers_give_p_one():
+    same = np.array([1.0, 0.0, 1.0])
+    found = paired_bootstrap([lambda c: c @ (same - same) / c.sum(-1)], [3], resamples=99)
+    assert (found["diff"], found["ci_low"], found["ci_high"], found["p"]) == (0.0, 0.0, 0.0, 1.0)
+
+
+ITEM_LINEAGE = [MergeLineage("m", "linear", ("a", "b"), "base")]
+
+
+def test_behavior_items_decide_the_relation_where_stderr_bands_cannot():
+    # 40 items; b (expert) right on 20, a on 10; the merge agrees with b except on 4 items it alone gets right.
+    # Unpaired stderr bands (~0.08 each) overlap; the paired test sees 4 wins and 0 losses against b.
+    n = 40
+    a, b = np.zeros(n), np.zeros(n)
+    a[:10], b[:20] = 1, 1
+    m = b.copy()
+    m[20:24] = 1
+    values = {"a": a, "b": b, "m": m}
+    items = pl.DataFrame([(name, "t", "task", "acc", f"{i:02d}", float(v[i]), True) for name, v in values.items()
+                          for i in range(n)], schema=["model", "task", "level", "metric", "item", "value",
+                                                      "higher_is_better"], orient="row")
+    scores = items.group_by("model", "task", "level", "metric").agg(
+        pl.col("value").mean(), (pl.col("value").std() / np.sqrt(n)).alias("stderr"),
+        pl.col("higher_is_better").first())
+    paired = behavior_paired_tests(items, ITEM_LINEAGE, seed=0, resamples=400)
+    assert sorted(paired["parent"]) == ["a", "b"] and set(paired["n_items"]) == {n}
+    out = compute_outcomes(scores, ITEM_LINEAGE, "behavior", paired=paired).row(0, named=True)
+    unpaired = compute_outcomes(scores, ITEM_LINEAGE, "behavior").row(0, named=True)
+    assert (unpaired["relation"], unpaired["relation_test"]) == ("between", "stderr")
+    assert (out["relation"], out["relation_test"]) == ("better", "paired_bootstrap")
+    assert (out["expert"], out["aux"]) == ("b", "a")
+    diff, low, high, p = _by_hand(m, b, 0, 400)
+    assert (out["diff_expert"], out["diff_expert_low"], out["diff_expert_high"], out["p_expert"]) == pytest.approx(
+        (4 / 40, low, high, p))
+    assert out["diff_aux"] == pytest.approx(14 / 40) and out["n_items_expert"] == n
+
+
+def test_lower_is_better_items_are_oriented_and_missing_items_fall_back():
+    items = pl.DataFrame([(name, "ppl", "task", "nll", str(i), float(v), False)
+                          for name, vs in {"a": [1, 2, 3, 4], "b": [2, 3, 4, 5], "m": [3, 4, 5, 7]}.items()
+                          for i, v in enumerate(vs)],
+                         schema=["model", "task", "level", "metric", "item", "value", "higher_is_better"], orient="row")
+    paired = behavior_paired_tests(items, ITEM_LINEAGE, resamples=200)
+    to_a = paired.filter(pl.col("parent") == "a").row(0, named=True)
+    assert to_a["diff"] == pytest.approx(-(3 + 4 + 5 + 7 - 10) / 4) and to_a["ci_high"] < 0
+    scores = pl.DataFrame({"model": ["a", "b", "m"] * 2, "task": ["ppl"] * 3 + ["other"] * 3,
+                           "level": ["task"] * 6, "metric": ["nll"] * 6, "value": [2.5, 3.5, 4.75, 1.0, 2.0, 1.5],
+                           "stderr": [0.1] * 6, "higher_is_better": [False] * 6})
+    out = compute_outcomes(scores, ITEM_LINEAGE, "behavior", paired=paired).sort("task")
+    assert out["relation"].to_list() == ["between", "worse"]  # "other" has no items: stderr bands
+    assert out["relation_test"].to_list() == ["stderr", "paired_bootstrap"]
+    assert out["expert"].to_list() == ["a", "a"]  # lower nll is better
+
+
+def _probe_items() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Two classification tasks of one phenomenon and one regression task, 2 layers, 8 test items; models a, b, m."""
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    preds = {"a": [[0, 1, 2, 0, 0, 0, 0, 1], [0, 1, 2, 0, 1, 0, 0, 1]],
+             "b": [[0, 0, 0, 0, 1, 2, 0, 1], [1, 1, 2, 0, 1, 2, 0, 1]],
+             "m": [[0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 0, 1, 2, 1, 1]]}
+    reg_labels = np.linspace(0, 1, 8)
+    reg = {"a": [reg_labels + 0.3 * np.sin(np.arange(8))] * 2, "b": [reg_labels ** 2] * 2, "m": [reg_labels] * 2}
+    rows = []
+    for model in preds:
+        for layer in range(2):
+            for i in range(8):
+                rows.append((model, "cls1", layer, f"i{i}", float(labels[i]), float(preds[model][layer][i])))
+                rows.append((model, "cls2", layer, f"i{i}", float(labels[i]), float(preds[model][1 - layer][i])))
+                rows.append((model, "reg", layer, f"i{i}", float(reg_labels[i]), float(reg[model][layer][i])))
+    probe_items = pl.DataFrame(rows, schema=["model", "task", "layer", "item_id", "label", "prediction"], orient="row")
+    probes = pl.DataFrame({"task": ["cls1", "cls2", "reg"], "phenomenon": ["syntax", "syntax", "numbers"],
+                           "metric": ["macro_f1", "macro_f1", "pearson"]})
+    return probe_items, probes
+
+
+def test_probe_items_paired_test_recomputes_macro_f1_per_resample():
+    from sklearn.metrics import f1_score
+
+    probe_items, probes = _probe_items()
+    paired = probe_paired_tests(probe_items, probes, ITEM_LINEAGE, seed=1, resamples=40)
+    assert sorted(paired.filter(pl.col("parent") == "b")["task"]) == ["cls1", "cls2", "numbers", "reg", "syntax"]
+
+    arrays = {}
+    for (model, task), rows in probe_items.sort("layer", "item_id").partition_by("model", "task", as_dict=True).items():
+        arrays[model, task] = (rows.filter(pl.col("layer") == 0)["label"].to_numpy(),
+                               [rows.filter(pl.col("layer") == layer)["prediction"].to_numpy() for layer in range(2)])
+
+    def layer_mean_f1(model: str, task: str, index: np.ndarray) -> float:
+        labels, preds = arrays[model, task]
+        return float(np.mean([f1_score(labels[index], pred[index], average="macro") for pred in preds]))
+
+    index = np.random.default_rng(1).integers(0, 8, (40, 8))
+    boot = np.array([layer_mean_f1("m", "cls1", i) - layer_mean_f1("b", "cls1", i) for i in index])
+    row = paired.filter((pl.col("parent") == "b") & (pl.col("task") == "cls1")).row(0, named=True)
+    full = np.arange(8)
+    assert row["diff"] == pytest.approx(layer_mean_f1("m", "cls1", full) - layer_mean_f1("b", "cls1", full))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+    assert row["level"] == "task" and row["n_items"] == 8
+
+    # the phenomenon: each task's items resampled separately (cls1 first, then cls2), task differences averaged
+    rng = np.random.default_rng(1)
+    i1, i2 = rng.integers(0, 8, (40, 8)), rng.integers(0, 8, (40, 8))
+    syntax = np.array([(layer_mean_f1("m", "cls1", a) - layer_mean_f1("b", "cls1", a)
+                        + layer_mean_f1("m", "cls2", c) - layer_mean_f1("b", "cls2", c)) / 2 for a, c in zip(i1, i2)])
+    group = paired.filter((pl.col("parent") == "b") & (pl.col("task") == "syntax")).row(0, named=True)
+    assert group["level"] == "group" and group["n_items"] == 16
+    assert (group["ci_low"], group["ci_high"]) == pytest.approx(tuple(np.percentile(syntax, [2.5, 97.5])))
+
+    reg = paired.filter((pl.col("parent") == "b") & (pl.col("task") == "reg")).row(0, named=True)
+    labels = np.linspace(0, 1, 8)
+    assert reg["diff"] == pytest.approx(1 - np.corrcoef(labels, labels ** 2)[0, 1])
+
+
+def test_internals_outcomes_use_probe_items_keys():
+    from probing.stage import internals_scores
+
+    probe_items, probes_info = _probe_items()
+    scores_by_item = probe_items.group_by("model", "task", "layer").agg(pl.col("label"), pl.col("prediction"))
+    paired = probe_paired_tests(probe_items, probes_info, ITEM_LINEAGE, resamples=100)
+    # a probes table whose per-layer values are the items' scores, so outcomes and paired tests agree
+    from sklearn.metrics import f1_score
+    rows = []
+    for r in scores_by_item.iter_rows(named=True):
+        regression = r["task"] == "reg"
+        value = (np.corrcoef(r["label"], r["prediction"])[0, 1] if regression
+                 else f1_score(r["label"], r["prediction"], average="macro"))
+        phenomenon = "numbers" if regression else "syntax"
+        rows.append((r["model"], r["task"], phenomenon, r["layer"], "pearson" if regression else "macro_f1", value,
+                     0.01))
+    probes = pl.DataFrame(rows, schema=["model", "task", "phenomenon", "layer", "metric", "value", "stderr"],
+                          orient="row")
+    out = compute_outcomes(internals_scores(probes), ITEM_LINEAGE, "internals", paired=paired)
+    assert set(out["relation_test"]) == {"paired_bootstrap"} and out.height == 5
+    joined = out.join(paired.rename({"parent": "expert"}), on=["model", "expert", "task", "level"])
+    assert joined.height == 5
+    assert joined["diff_expert"].to_list() == pytest.approx(joined["diff"].to_list())
+    assert joined["diff"].to_list() == pytest.approx(joined["delta_expert"].to_list())

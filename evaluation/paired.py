@@ -1,0 +1,150 @@
+"""Paired merge-vs-parent tests on the items both models answered: what decides better/between/worse.
+
+Every model of a run sees the same items, so a merge and its parent are compared item by item (a paired
+bootstrap over items) instead of by overlapping one-stderr bands of two unpaired scores: the items' shared
+difficulty cancels out, and differences far smaller than either score's stderr are resolved.
+
+For one (merge, parent, key) the difference d = score(merge) - score(parent) (oriented so that positive = merge
+better) is recomputed on `RESAMPLES` resamples of the common items (the same resample for both models: that is
+the pairing). The 95% CI is the percentile interval of the resampled d; the two-sided p is
+2 (1 + #{d* on the far side of 0}) / (RESAMPLES + 1), capped at 1 (Davison & Hinkley's add-one bootstrap p: never
+0 from a finite number of resamples). A score that is a mean over several tasks (a phenomenon) resamples each
+task's items separately (stratified) and averages the task differences, as the score averages the tasks.
+
+Two scores have items:
+- behaviour (`behavior_paired_tests`): the mean of per-item values (lm-eval's per-sample metric; a group whose
+  value is the mean over its tasks' items, lm-eval's weight_by_size, pools them);
+- internals (`probe_paired_tests`): per task, macro-F1 of the probe's test predictions (Pearson for regression)
+  at every layer, averaged over layers (probing.stage.internals_scores); per phenomenon, the mean over its tasks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+if TYPE_CHECKING:  # the class only: importing merging.merge costs seconds (torch) that reports need not pay
+    from merging.merge import MergeLineage
+
+RESAMPLES = 1000
+CONFIDENCE = 0.95
+PAIRED_SCHEMA = {"diff": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "p": pl.Float64,
+                 "n_items": pl.Int64}
+
+Difference = Callable[[np.ndarray], np.ndarray]  # item multiplicities [B, n] -> merge minus parent score [B]
+
+
+def stratified_counts(sizes: Sequence[int], resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per stratum, [resamples, size] multiplicities of its items in bootstrap resamples drawn within it."""
+    draws = []
+    for size in sizes:
+        index = rng.integers(0, size, (resamples, size))
+        draws.append(np.stack([np.bincount(row, minlength=size) for row in index]).astype(np.float64))
+    return draws
+
+
+def paired_bootstrap(differences: Sequence[Difference], sizes: Sequence[int], seed: int = 0,
+                     resamples: int = RESAMPLES) -> dict[str, float]:
+    """diff, ci_low, ci_high, p of the mean over strata of each stratum's paired difference."""
+    counts = stratified_counts(sizes, resamples, np.random.default_rng(seed))
+    observed = np.mean([float(f(np.ones((1, n)))[0]) for f, n in zip(differences, sizes)])
+    boot = np.mean([f(c) for f, c in zip(differences, counts)], axis=0)
+    alpha = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(boot, [alpha, 1 - alpha])
+    far = min(int((boot <= 0).sum()), int((boot >= 0).sum()))
+    return {"diff": float(observed), "ci_low": float(low), "ci_high": float(high),
+            "p": min(1.0, 2 * (1 + far) / (resamples + 1)), "n_items": int(sum(sizes))}
+
+
+def _comparisons(lineages: Sequence[MergeLineage]) -> list[tuple[str, str]]:
+    return [(m.model, parent) for m in lineages for parent in dict.fromkeys(m.parents)]
+
+
+def _frame(rows: list[dict], keys: dict[str, pl.DataType]) -> pl.DataFrame:
+    schema = {"model": pl.String, "parent": pl.String, **keys, **PAIRED_SCHEMA}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _mean_difference(merge: np.ndarray, parent: np.ndarray) -> Difference:
+    delta = merge - parent
+    return lambda counts: counts @ delta / counts.sum(-1)
+
+
+def behavior_paired_tests(items: pl.DataFrame, lineages: Sequence[MergeLineage], seed: int = 0,
+                          resamples: int = RESAMPLES) -> pl.DataFrame:
+    """Paired tests of every merge against each parent on per-item scores whose mean is the score.
+
+    `items`: model, task, level, metric, item (str), value, higher_is_better — evaluation.behavior.outcome_items.
+    """
+    keys = ["task", "level", "metric"]
+    oriented = items.with_columns(
+        pl.when(pl.col("higher_is_better")).then(pl.col("value")).otherwise(-pl.col("value")).alias("value"))
+    by_model = oriented.partition_by("model", as_dict=True)
+    rows = []
+    for merge, parent in _comparisons(lineages):
+        if (merge,) not in by_model or (parent,) not in by_model:
+            continue
+        both = by_model[(merge,)].join(by_model[(parent,)], on=[*keys, "item"], suffix="_parent").filter(
+            pl.col("value").is_not_null() & pl.col("value_parent").is_not_null()).sort("item")
+        for key, block in both.partition_by(keys, as_dict=True).items():
+            found = paired_bootstrap([_mean_difference(block["value"].to_numpy(), block["value_parent"].to_numpy())],
+                                     [block.height], seed, resamples)
+            rows.append({"model": merge, "parent": parent, **dict(zip(keys, key)), **found})
+    return _frame(rows, {"task": pl.String, "level": pl.String, "metric": pl.String})
+
+
+def _probe_score(items: pl.DataFrame, regression: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """counts [B, n] -> [B] layer-mean headline score of one model's test predictions on one task, with items in
+    the frame's item order (probing.probes computes the same score without counts)."""
+    import torch
+
+    from probing.probes import macro_f1, weighted_pearson
+
+    wide = items.pivot(on="layer", index="item_id", values="prediction", sort_columns=True).sort("item_id")
+    labels = items.group_by("item_id").agg(pl.col("label").first()).sort("item_id")["label"].to_numpy()
+    pred = wide.drop("item_id").to_numpy().T  # [L, n]
+    if regression:
+        true, prediction = torch.from_numpy(labels.astype(np.float64)), torch.from_numpy(pred.astype(np.float64))
+        return lambda counts: weighted_pearson(prediction, true, torch.from_numpy(counts)).mean(-1).numpy()
+    true, prediction = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(pred.astype(np.int64))
+    classes = int(max(true.max(), prediction.max())) + 1
+    return lambda counts: macro_f1(prediction, true, classes, torch.from_numpy(counts)).mean(-1).numpy()
+
+
+def probe_paired_tests(probe_items: pl.DataFrame, probes: pl.DataFrame, lineages: Sequence[MergeLineage],
+                       seed: int = 0, resamples: int = RESAMPLES) -> pl.DataFrame:
+    """Paired tests on probes' test items, per task (level task) and per phenomenon (level group), in
+    probing.stage.internals_scores' keys.
+
+    `probe_items`: model, task, layer, item_id (str), label, prediction (f64). `probes` gives each task's
+    phenomenon and whether it is a regression (its headline metric is Pearson).
+    """
+    info = probes.filter(pl.col("metric").is_in(["macro_f1", "pearson"])).group_by("task").agg(
+        pl.col("phenomenon").first(), (pl.col("metric").first() == "pearson").alias("regression"))
+    tasks = {r["task"]: r for r in info.iter_rows(named=True)}
+    by_model_task = probe_items.partition_by("model", "task", as_dict=True)
+    rows = []
+    for merge, parent in _comparisons(lineages):
+        per_task: dict[str, tuple[Difference, int]] = {}
+        for task in sorted(tasks):
+            if (merge, task) not in by_model_task or (parent, task) not in by_model_task:
+                continue
+            ours, theirs = by_model_task[(merge, task)], by_model_task[(parent, task)]
+            common = ours.join(theirs, on=["layer", "item_id"], how="semi").select("item_id").unique()
+            ours, theirs = (f.join(common, on="item_id", how="semi") for f in (ours, theirs))
+            if common.height == 0:
+                continue
+            score_m, score_p = (_probe_score(f, tasks[task]["regression"]) for f in (ours, theirs))
+            per_task[task] = (lambda c, m=score_m, p=score_p: m(c) - p(c)), common.height
+            rows.append({"model": merge, "parent": parent, "task": task, "level": "task",
+                         **paired_bootstrap([per_task[task][0]], [common.height], seed, resamples)})
+        phenomena = sorted({tasks[t]["phenomenon"] for t in tasks})
+        for phenomenon in phenomena:
+            members = [t for t in sorted(tasks) if tasks[t]["phenomenon"] == phenomenon]
+            if members and all(t in per_task for t in members):
+                rows.append({"model": merge, "parent": parent, "task": phenomenon, "level": "group",
+                             **paired_bootstrap([per_task[t][0] for t in members], [per_task[t][1] for t in members],
+                                                seed, resamples)})
+    return _frame(rows, {"task": pl.String, "level": pl.String})
