@@ -121,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         lines = [f"no space left on device ({describe(error)})"]
     for line in lines:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {_printable(line)}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def _printable(line: str) -> str:
+    """One problem, one terminal line: control and line-separator characters from the user's own values (a YAML
+    key, a CSV cell) are shown escaped rather than breaking the line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in line)
 
 
 if __name__ == "__main__":

@@ -168,22 +168,25 @@ def reference_problems(data: dict) -> list[str]:
     def entries(value) -> list:
         return value if isinstance(value, list) else []
 
-    models = [m.get("name") for m in entries(data.get("models")) if isinstance(m, dict)]
+    def text(value) -> str | None:  # names of other types are reported by field validation
+        return value if isinstance(value, str) else None
+
+    models = [text(m.get("name")) for m in entries(data.get("models")) if isinstance(m, dict)]
     merges = data.get("merges") if isinstance(data.get("merges"), dict) else {}
     groups = [g for g in entries(merges.get("parents")) if isinstance(g, list)]
     methods = [m for m in entries(merges.get("methods")) if isinstance(m, dict)]
-    problems = [f"models: duplicate model name {name!r}" for name in _duplicates(models)]
+    problems = [f"models: duplicate model name {name!r}" for name in _duplicates(models) if name is not None]
     if "base" in data and data["base"] not in models:
         problems.append(f"base: {data['base']!r} is not one of the models ({', '.join(map(str, models))})")
     for i, group in enumerate(groups):
         problems += [f"merges.parents[{i}]: {p!r} is not one of the models" for p in group if p not in models]
         if len(set(map(str, group))) != len(group):
             problems.append(f"merges.parents[{i}]: a parent is listed twice in {group}")
-    suffixes = [m.get("label") or m.get("method") for m in methods]
+    suffixes = [text(m.get("label")) or text(m.get("method")) for m in methods]
     problems += [f"merges.methods: duplicate model names */{s}: give each a distinct label"
-                 for s in _duplicates(suffixes)]
+                 for s in _duplicates(suffixes) if s is not None]
     for i, spec in enumerate(methods):
-        method = METHODS.get(spec.get("method"))
+        method = METHODS.get(text(spec.get("method")))
         for j, group in enumerate(groups):
             if method and method.exactly_two and len(group) != 2:
                 problems.append(f"merges.methods[{i}] ({method.name}): needs exactly 2 parents, "
@@ -203,7 +206,11 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
+        try:
+            duplicate = key in seen
+        except TypeError:  # a list or mapping as a key: construct_mapping names it
+            break
+        if duplicate:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)

@@ -4,7 +4,8 @@ mergekit fails late (a shape error deep in a merge) or not at all (a vocabulary 
 merges unrelated rows). Preflight reads only config.json, tokenizers and safetensors headers — plus, optionally,
 one streamed pass for NaN/inf — and raises `PreflightError` with one line per mismatch naming the models, before
 anything is written. A damaged folder (truncated safetensors, no tokenizer, another architecture's config) is
-named file by file first, whatever its source (embedded cache, hub download, local copy). What mergekit copes with (mixed dtypes, padded embedding rows) comes back as warnings.
+named file by file first, whatever its source (embedded cache, hub download, local copy). What mergekit copes
+with (mixed dtypes, padded embedding rows) comes back as warnings.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class UserError(ValueError):
     """A problem the user can fix; `lines()` is what the CLI prints, one line each."""
 
     def lines(self) -> list[str]:
-        return list(getattr(self, "problems", None) or str(self).splitlines() or [type(self).__name__])
+        return list(getattr(self, "problems", None) or str(self).split("\n") or [type(self).__name__])
 
 
 class NoSpaceError(UserError, OSError):

@@ -31,7 +31,7 @@ from merging.checkpoints import CheckpointError, LoadOptions, load_model
 from merging.merge import MANIFEST, MergeLineage, merge
 from merging.preflight import PreflightError, preflight
 from reports.errors import NoSpaceError, UserError
-from reports.tables import (TableError, atomic_path, atomic_write_text, read_cached, read_table, replace_rows, temp_dir,
+from reports.tables import (TableError, atomic_write_text, read_cached, read_table, replace_rows, temp_dir,
                             write_table)
 
 ROOT = Path(__file__).resolve().parent.parent
