@@ -6,7 +6,7 @@
 2. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax, base vs a child,
    per token: mean absolute and relative error of the mean KL, for several k.
 
-    python bench/bench_capture.py [--tokens 2048] [--window 128] [--child instruct]
+    python bench/bench_capture.py [--tokens 2048] [--window 128] [--child instruct] [--parts cost kl]
 """
 
 from __future__ import annotations
@@ -61,31 +61,43 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--child", default="instruct")
     parser.add_argument("--top-k", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--parts", nargs="+", choices=["cost", "kl"], default=["cost", "kl"])
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     family = build_family(("base", args.child))
     windows = TokenWindows(args.tokens, args.window)
+    if "cost" in args.parts:
+        capture_cost(family["base"], windows, args.batch_size)
+    if "kl" in args.parts:
+        kl_error(family, windows, args)
 
-    plain_model, tokenizer = load_model(family["base"], LoadOptions())
+
+def capture_cost(folder: Path, windows: TokenWindows, batch_size: int) -> None:
+    plain_model, tokenizer = load_model(folder, LoadOptions())
     ids = windows.token_ids(tokenizer)
     plain_forward(plain_model, ids[:1], 1)  # warm-up
-    _, plain_s, plain_mb = timed(lambda: plain_forward(plain_model, ids, args.batch_size))
+    _, plain_s, plain_mb = timed(lambda: plain_forward(plain_model, ids, batch_size))
     del plain_model
 
-    model = model_ref("base", family["base"])
-    runner = HookRunner(*load_model(family["base"], LoadOptions()))
-    jobs = functional_jobs(windows, model.n_blocks, top_k=256, batch_size=args.batch_size)
+    model = model_ref("base", folder)
+    runner = HookRunner(*load_model(folder, LoadOptions()))
+    jobs = functional_jobs(windows, model.n_blocks, top_k=256, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         store = CaptureStore(Path(scratch))
         _, capture_s, capture_mb = timed(lambda: capture_model(runner, model, jobs, store, "float32", log=print))
         stored = sum(p.stat().st_size for p in Path(scratch).rglob("*.safetensors"))
     n = ids.numel()
-    print(f"similarity capture [{runner.backend}] on {n} tokens ({len(ids)} windows of {args.window}):")
+    print(f"similarity capture [{runner.backend}] on {n} tokens ({len(ids)} windows of {windows.window}):")
     print(f"  plain forward  {plain_s:7.2f} s  peak RSS +{plain_mb:6.1f} MB")
     print(f"  capture pass   {capture_s:7.2f} s  peak RSS +{capture_mb:6.1f} MB  time ratio "
           f"{capture_s / plain_s:.2f}x  stored {stored / 2**20:.1f} MB ({stored / n / 1024:.1f} KiB/token)")
-    del runner
 
+
+def kl_error(family: dict[str, Path], windows: TokenWindows, args) -> None:
+    from transformers import AutoTokenizer
+
+    ids = windows.token_ids(AutoTokenizer.from_pretrained(family["base"]))
+    n = ids.numel()
     logits = {name: full_logits(family[name], ids, args.batch_size) for name in ("base", args.child)}
     vocab = logits["base"].shape[-1]
     exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits["base"]),

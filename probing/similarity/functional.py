@@ -25,6 +25,7 @@ from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureJob, CaptureStore, ModelRef
 
 TOP_K = 256
+LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite
 
 
 def functional_jobs(windows: TokenWindows, n_blocks: int, top_k: int = TOP_K, batch_size: int = 8) -> list[CaptureJob]:
@@ -75,7 +76,7 @@ def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: 
         match = ia[:, :, None] == ib[:, None, :]  # [n, k_a, k_b]
         found = match.any(-1)
         known = torch.where(match, lb[:, None, :], torch.zeros((), dtype=lb.dtype)).sum(-1)
-        log_q = torch.where(found, known, (rb - np.log(outside))[:, None])
+        log_q = torch.where(found, known, (rb - np.log(outside))[:, None]).clamp(min=LOG_FLOOR)
         p_a = la.exp()
         q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
         r_a = ra.exp()
