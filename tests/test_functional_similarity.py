@@ -89,3 +89,15 @@ def test_model_against_itself_through_the_store(tiny_family, tmp_path):
     assert (other.filter(pl.col("feature") == "cka")["value"] < 1 - 1e-6).any()
     for feature, scope in rows.select("feature", "scope").unique().iter_rows():
         assert FEATURES[feature].source == "functional" and scope in FEATURES[feature].scopes
+
+
+def test_topk_rest_mass_of_a_peaked_distribution_is_kept():
+    """1 - Σ top-k underflows to 0 in float32 when one token holds almost all mass; the rest must not be lost."""
+    logits = torch.zeros(1, 1, 40)
+    logits[..., 0] = 30.0
+    other = torch.randn(1, 1, 40)
+    batch = Batch(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+    peaked, flat = ({k: v[:, 0] for k, v in TopK(k=5)(x, batch).items()} for x in (logits, other))
+    expected_rest = torch.logsumexp(torch.log_softmax(logits, -1)[..., 5:], -1)  # the 35 tokens outside the top 5
+    torch.testing.assert_close(peaked["log_rest"].reshape(()), expected_rest.reshape(()), atol=1e-4, rtol=1e-5)
+    assert torch.isfinite(topk_kl(flat, peaked, 40)).all()
