@@ -23,7 +23,8 @@ from sklearn.metrics import f1_score
 
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
-from probing.capture import LayerRunner, capture, task_features, task_requests
+from probing.capture import capture, task_features, task_requests
+from probing.hooks import HookRunner
 from probing.probes import Split, probe_classification, standardise
 from probing.stage import load_tasks
 
@@ -65,18 +66,17 @@ def main() -> None:
     plain_forward(plain_model, tokenizer, texts[:8], args.batch_size, args.max_length)  # warm-up
     _, plain_s, plain_mb = timed(lambda: plain_forward(plain_model, tokenizer, texts, args.batch_size,
                                                        args.max_length))
-    runner = LayerRunner(*load_model(folder, LoadOptions()))
+    runner = HookRunner(*load_model(folder, LoadOptions()))
     capture(runner, requests[:8], args.batch_size, args.max_length)  # warm-up
     pooled, capture_s, capture_mb = timed(lambda: capture(runner, requests, args.batch_size, args.max_length))
-    hooks_runner = LayerRunner(*load_model(folder, LoadOptions()))
-    hooks_runner.bridge = None  # the fallback backend: plain torch forward hooks on the HF modules (SDPA attention)
+    hooks_runner = HookRunner(*load_model(folder, LoadOptions()), backend="torch-hooks")  # HF module map, eager
     _, hooks_s, hooks_mb = timed(lambda: capture(hooks_runner, requests, args.batch_size, args.max_length))
     print(f"capture [{runner.backend}] {task.name}: {len(texts)} texts, {pooled.shape[0]} layers pooled")
     print(f"  plain forward   {plain_s:7.2f} s   peak RSS +{plain_mb:6.1f} MB")
     print(f"  capture pass    {capture_s:7.2f} s   peak RSS +{capture_mb:6.1f} MB   "
-          f"time ratio {capture_s / plain_s:.2f}x   stored pooled: {pooled.numel() * 2 / 2**20:.1f} MB (fp16)")
+          f"time ratio {capture_s / plain_s:.2f}x   stored pooled: {pooled.numel() * 4 / 2**20:.1f} MB (fp32)")
     print(f"  capture, torch  {hooks_s:7.2f} s   peak RSS +{hooks_mb:6.1f} MB   time ratio {hooks_s / plain_s:.2f}x "
-          "(fallback backend: plain torch hooks, SDPA attention)")
+          "(fallback backend: HF module map, eager attention)")
 
     split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
     x = standardise(task_features(pooled.half().float(), index), split.train)

@@ -125,7 +125,6 @@ def model_task(name: str, folder: Path, run: RunDir,
             logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
         if missing:
             capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.info)
-        del loaded
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
                       json.dumps(without_samples(raw), indent=1))
     return tidy(raw, name), sample_items(raw, name)

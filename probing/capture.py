@@ -227,8 +227,10 @@ class TopK:
 
     def __call__(self, act: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         _whole(batch, self.name)
-        top = torch.log_softmax(act.float(), dim=-1).topk(min(self.k, act.shape[-1]), dim=-1)
-        rest = torch.log((-torch.expm1(torch.logsumexp(top.values, dim=-1))).clamp(min=0.0))
+        logp = torch.log_softmax(act.float(), dim=-1)
+        top = logp.topk(min(self.k, act.shape[-1]), dim=-1)
+        # The rest's own logsumexp: 1 - Σ top rounds to 0 (or below) in float32 for a peaked distribution.
+        rest = logp.scatter_(-1, top.indices, float("-inf")).logsumexp(dim=-1)
         return {"logprobs": top.values[:, None], "indices": top.indices.int()[:, None], "log_rest": rest[:, None]}
 
 

@@ -25,6 +25,7 @@ from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureJob, CaptureStore, ModelRef
 
 TOP_K = 256
+LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite
 
 
 def functional_jobs(windows: TokenWindows, n_blocks: int, top_k: int = TOP_K, batch_size: int = 8) -> list[CaptureJob]:
@@ -39,13 +40,19 @@ def activation_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1).mean().item()
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of [n, d_x] and [n, d_y] (Kornblith et al. 2019, eq. for the linear kernel on centred
-    features): ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F). Hand-written: no maintained library ships CKA for torch tensors."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    return (cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
+def cka_side(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model's half of linear CKA: its column-centred features and ‖XᵀX‖_F (computed once per layer)."""
+    x = x.to(dtype)
+    x = x - x.mean(0)
+    return x, torch.linalg.matrix_norm(x.T @ x)
+
+
+def linear_cka(x: torch.Tensor | tuple, y: torch.Tensor | tuple) -> float:
+    """Linear CKA of [n, d_x] and [n, d_y] token features (Kornblith et al. 2019, linear kernel on centred
+    features): ‖YᵀX‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F). Either side may be a precomputed `cka_side`. Hand-written: no
+    maintained library ships CKA for torch tensors."""
+    (x, norm_x), (y, norm_y) = (side if isinstance(side, tuple) else cka_side(side) for side in (x, y))
+    return (torch.linalg.matrix_norm(y.T @ x) ** 2 / (norm_x * norm_y)).item()
 
 
 def pattern_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,7 +76,7 @@ def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: 
         match = ia[:, :, None] == ib[:, None, :]  # [n, k_a, k_b]
         found = match.any(-1)
         known = torch.where(match, lb[:, None, :], torch.zeros((), dtype=lb.dtype)).sum(-1)
-        log_q = torch.where(found, known, (rb - np.log(outside))[:, None])
+        log_q = torch.where(found, known, (rb - np.log(outside))[:, None]).clamp(min=LOG_FLOOR)
         p_a = la.exp()
         q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
         r_a = ra.exp()
@@ -103,9 +110,11 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
     for layer, request in enumerate(requests(Tokens)):
         states = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"].float().flatten(0, 1)
                   for m in models}
+        # float32 products: the d×d cross products dominate the stage's time; CKA's relative error stays ~1e-6
+        sides = {name: cka_side(x, torch.float32) for name, x in states.items()}
         for a, b in combinations(models, 2):
-            for feature, fn in (("activation_cosine", activation_cosine), ("cka", linear_cka)):
-                value = fn(states[a.name], states[b.name])
+            for feature, value in (("activation_cosine", activation_cosine(states[a.name], states[b.name])),
+                                   ("cka", linear_cka(sides[a.name], sides[b.name]))):
                 per_pair.setdefault((a.name, b.name, feature), []).append(value)
                 rows.append({"model_a": a.name, "model_b": b.name, "feature": feature, "scope": "layer",
                              "layer": layer, "value": value, "n": n_tokens})

@@ -82,3 +82,15 @@ def summary_rows(values, **columns) -> list[dict]:
     stats = {"mean": values.mean()} | {name: np.quantile(values, q) for name, q in QUANTILES.items()}
     return [{**columns, "scope": "global", "stat": stat, "value": float(stats[stat]), "n": len(values)}
             for stat in STATS]
+
+
+def feature_table() -> str:
+    """The feature index of docs/FEATURES.md (tested to match): `python -m probing.similarity.registry`."""
+    lines = ["| feature | source | level | scopes | direction | meaning |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{f.name}` | {f.source} | {f.level} | {', '.join(f.scopes)} | {f.direction} | {f.meaning} |"
+              for f in FEATURES.values()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(feature_table())

@@ -1,0 +1,77 @@
+"""Hook requests and the capture store: patterns equal HF output_attentions, top-k equals HF log-softmax, the
+torch-hooks fallback stores what the transformer-lens bridge stores, float16 storage is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merging.checkpoints import LoadOptions, load_model
+from probing.capture import CaptureError, HookRequest, PackedPattern, Tokens, TopK, run_capture
+from probing.hooks import LOGITS_HOOK, PATTERN_HOOK, HookError, HookRunner
+from probing.similarity.functional import functional_jobs
+from probing.similarity.unlabeled import TokenWindows
+from probing.stage import load_tasks, probe_jobs
+from probing.store import CaptureStore, capture_model, model_ref
+
+WINDOWS = TokenWindows(tokens=96, window=24)
+
+
+def hf_eager(folder):
+    """A separate eager instance: once the bridge wraps a model it stops returning output_attentions."""
+    return load_model(folder, LoadOptions(), attn_implementation="eager")
+
+
+@pytest.mark.parametrize("backend", ["transformer-lens", "torch-hooks"])
+def test_pattern_and_topk_equal_hf_outputs(tiny_family, backend):
+    runner = HookRunner(*load_model(tiny_family["a"], LoadOptions()), backend=backend)
+    requests = [HookRequest(PATTERN_HOOK.format(i), PackedPattern("float32")) for i in range(3)]
+    requests.append(HookRequest(LOGITS_HOOK, TopK(k=50)))
+    out = run_capture(runner, WINDOWS, requests, batch_size=3)
+    model, tokenizer = hf_eager(tiny_family["a"])
+    ids = WINDOWS.token_ids(tokenizer)
+    with torch.no_grad():
+        reference = model(input_ids=ids, output_attentions=True)
+    query, key = torch.tril_indices(24, 24)
+    for block, request in enumerate(requests[:3]):
+        expected = reference.attentions[block]
+        assert torch.equal(expected.triu(1), torch.zeros_like(expected))  # causal: the dropped triangle is zero
+        torch.testing.assert_close(out[request]["value"], expected[..., query, key], atol=1e-6, rtol=1e-5)
+    logp = torch.log_softmax(reference.logits, -1)
+    top = logp.topk(50, -1)
+    torch.testing.assert_close(out[requests[3]]["logprobs"], top.values, atol=1e-5, rtol=1e-5)
+    rest = 1 - top.values.exp().sum(-1)
+    torch.testing.assert_close(out[requests[3]]["log_rest"].exp(), rest, atol=1e-5, rtol=1e-4)
+
+
+def test_fallback_backend_gives_the_same_store(tiny_family, tmp_path):
+    model = model_ref("a", tiny_family["a"])
+    jobs = probe_jobs(load_tasks("bundled", ["noun_number"]), model.n_blocks) + \
+        functional_jobs(WINDOWS, model.n_blocks, top_k=32)
+    stores = {}
+    for backend in ("transformer-lens", "torch-hooks"):
+        stores[backend] = CaptureStore(tmp_path / backend)
+        runner = HookRunner(*load_model(tiny_family["a"], LoadOptions()), backend=backend)
+        capture_model(runner, model, jobs, stores[backend], "float32", log=lambda _: None)
+    bridge, fallback = stores.values()
+    keys = [job.key(r, model.digest, "float32") for job in jobs for r in job.requests]
+    assert len(keys) == 4 + 4 + 3 + 1 and all(bridge.has(k) and fallback.has(k) for k in keys)
+    for key in keys:
+        a, b = bridge.load(key), fallback.load(key)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+            if a[name].dtype == torch.bfloat16:  # a last-bit difference may round to neighbouring bf16 values
+                torch.testing.assert_close(a[name].float(), b[name].float(), atol=1e-2, rtol=1e-2)
+            else:
+                torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-5)
+    tokens = bridge.load(next(k for k in keys if k.reducer == Tokens().name and k.hook == "hook_embed"))["value"]
+    assert tokens.dtype == torch.bfloat16 and tokens.shape == (4, 24, 32)
+
+
+def test_float16_storage_and_unknown_hooks_are_refused(tiny_family):
+    runner = HookRunner(*load_model(tiny_family["base"], LoadOptions()), backend="torch-hooks")
+    with pytest.raises(CaptureError, match="float16 overflows at 65,504"):
+        run_capture(runner, WINDOWS, [HookRequest("hook_embed", Tokens("float16"))])
+    with pytest.raises(HookError, match="blocks.7.hook_resid_post"):
+        run_capture(runner, WINDOWS, [HookRequest("blocks.7.hook_resid_post", Tokens())])

@@ -1,0 +1,103 @@
+"""Functional similarity: each measure against an independent reference (scikit-learn cosine, the HSIC form of
+CKA, torch.distributions KL), its invariances, and a model against itself through the real capture store."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy.stats import ortho_group
+from sklearn.metrics.pairwise import cosine_similarity
+
+from merging.checkpoints import LoadOptions, load_model
+from probing.capture import Batch, TopK
+from probing.hooks import HookRunner
+from probing.similarity.functional import (activation_cosine, functional_features, functional_jobs, linear_cka,
+                                           pattern_cosine, topk_kl)
+from probing.similarity.registry import FEATURES
+from probing.similarity.unlabeled import TokenWindows
+from probing.store import CaptureStore, capture_model, model_ref
+
+
+def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """CKA from centred Gram matrices: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), HSIC = tr(KHLH)."""
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float(np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_)))
+
+
+def test_cka_equals_hsic_form_and_is_invariant():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    y = x @ rng.normal(size=(8, 12)) + 0.5 * rng.normal(size=(60, 12))
+    value = linear_cka(torch.from_numpy(x), torch.from_numpy(y))
+    assert value == pytest.approx(hsic_cka(x, y), rel=1e-10) and 0 < value < 1
+    rotated = 3.7 * y @ ortho_group.rvs(12, random_state=1)
+    assert linear_cka(torch.from_numpy(x), torch.from_numpy(rotated)) == pytest.approx(value, rel=1e-10)
+    assert linear_cka(torch.from_numpy(x), torch.from_numpy(x)) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_cosines_equal_scikit_learn():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    expected = np.diag(cosine_similarity(x, y)).mean()
+    assert activation_cosine(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(expected, rel=1e-12)
+    a, b = rng.random((5, 3, 10)), rng.random((5, 3, 10))  # [windows, heads, packed pattern]
+    per_head = [cosine_similarity(a[:, h].reshape(1, -1), b[:, h].reshape(1, -1))[0, 0] for h in range(3)]
+    np.testing.assert_allclose(pattern_cosine(torch.from_numpy(a), torch.from_numpy(b)), per_head, rtol=1e-12)
+
+
+def test_topk_kl_equals_torch_distributions():
+    torch.manual_seed(0)
+    logits_a, logits_b = torch.randn(2, 7, 40) * 2, torch.randn(2, 7, 40) * 2
+    batch = Batch(torch.zeros(2, 7), torch.ones(2, 7), torch.arange(2)[:, None])
+    full = TopK(k=40)
+    a, b = full(logits_a, batch), full(logits_b, batch)
+    a, b = ({k: v[:, 0] for k, v in d.items()} for d in (a, b))
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits_a),
+                                                 torch.distributions.Categorical(logits=logits_b)).reshape(-1)
+    torch.testing.assert_close(topk_kl(a, b, 40), expected.double(), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(topk_kl(b, a, 40), topk_kl(a, b, 40))  # ordered: KL is not symmetric
+    truncated = TopK(k=20)
+    ta, tb = ({k: v[:, 0] for k, v in truncated(x, batch).items()} for x in (logits_a, logits_b))
+    approx = topk_kl(ta, tb, 40)
+    assert (approx - expected.double()).abs().mean() < 0.1 * expected.mean()
+    torch.testing.assert_close(topk_kl(ta, ta, 40), torch.zeros(14, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_model_against_itself_through_the_store(tiny_family, tmp_path):
+    windows = TokenWindows(tokens=96, window=24)
+    store = CaptureStore(tmp_path / "captures")
+    models = [model_ref(name, tiny_family[name]) for name in ("a", "b")]
+    for model in models:
+        runner = HookRunner(*load_model(model.folder, LoadOptions()))
+        capture_model(runner, model, functional_jobs(windows, model.n_blocks, top_k=64), store, "float32",
+                      log=lambda _: None)
+    twin = model_ref("a-again", tiny_family["a"])
+    rows = functional_features([*models, twin], windows, store, "float32", top_k=64)
+    self_rows = rows.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "a-again")
+                            | (pl.col("model_a") == "a-again") & (pl.col("model_b") == "a"))
+    expected = {"activation_cosine": 1.0, "cka": 1.0, "attention_cosine": 1.0, "kl": 0.0}
+    for feature, value in expected.items():
+        values = self_rows.filter(pl.col("feature") == feature)["value"]
+        assert len(values) > 0
+        np.testing.assert_allclose(values, value, atol=1e-6)
+    other = rows.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "b"))
+    assert (other.filter(pl.col("feature") == "kl")["value"] > 1e-4).all()
+    assert (other.filter(pl.col("feature") == "cka")["value"] < 1 - 1e-6).any()
+    for feature, scope in rows.select("feature", "scope").unique().iter_rows():
+        assert FEATURES[feature].source == "functional" and scope in FEATURES[feature].scopes
+
+
+def test_topk_rest_mass_of_a_peaked_distribution_is_kept():
+    """1 - Σ top-k underflows to 0 in float32 when one token holds almost all mass; the rest must not be lost."""
+    logits = torch.zeros(1, 1, 40)
+    logits[..., 0] = 30.0
+    other = torch.randn(1, 1, 40)
+    batch = Batch(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long))
+    peaked, flat = ({k: v[:, 0] for k, v in TopK(k=5)(x, batch).items()} for x in (logits, other))
+    expected_rest = torch.logsumexp(torch.log_softmax(logits, -1)[..., 5:], -1)  # the 35 tokens outside the top 5
+    torch.testing.assert_close(peaked["log_rest"].reshape(()), expected_rest.reshape(()), atol=1e-4, rtol=1e-5)
+    assert torch.isfinite(topk_kl(flat, peaked, 40)).all()
