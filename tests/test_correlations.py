@@ -168,7 +168,7 @@ def test_resampled_r_equals_scipy_on_each_resample_and_degenerate_ones_are_nan(m
     y = np.array([0.3, 0.1, 0.2, 0.9, 0.5])
     counts = resample_counts(5, 400, seed=2)
     index = np.random.default_rng(2).integers(0, 5, (400, 5))
-    boot = bootstrap_r(method, x[None], y[None], counts)[0]
+    boot = bootstrap_r(x[None], y[None], counts)[method][0]
     expected = []
     for i in index:
         if np.all(x[i] == x[i][0]) or np.all(y[i] == y[i][0]):
