@@ -48,7 +48,7 @@ SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "x_level": p
           "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String, "view": pl.String, "layer": pl.Int64,
           "method": pl.String, "n": pl.Int64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
           "p": pl.Float64, "q": pl.Float64, "reason": pl.String}
-_CHUNK_BYTES = 32 << 20  # working set of one chunk of tests' bootstrap arrays
+_CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~8 of [tests, resamples, n])
 
 
 # ---------------------------------------------------------------------------------------------------- variables
@@ -153,62 +153,88 @@ def _signs(values: np.ndarray) -> np.ndarray:
     return np.sign(values[:, :, None] - values[:, None, :])
 
 
-def _quadratic(counts: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """½ cᵀ M c for every resample c (rows of [B, n]) and matrix M ([T, n, n]) -> [T, B]: a sum over the pairs of
-    a resample's positions, since a pair of copies of one unit has sign 0."""
-    return 0.5 * ((counts @ matrix) * counts).sum(-1)
+class _Side:
+    """What the resamples need of one side's distinct rows alone ([U, n], none constant), given the resamples'
+    unit multiplicities `counts` [B, n] (moments of the z-scored rows, centred average ranks, untied pairs)."""
+
+    def __init__(self, values: np.ndarray, counts: np.ndarray):
+        n = values.shape[1]
+        self.upper = np.triu_indices(n, 1)
+        self.pair_counts = (counts[:, self.upper[0]] * counts[:, self.upper[1]]).T  # [pairs, B]
+        self.rows, self.index = np.unique(values, axis=0, return_inverse=True)
+        self.index = self.index.ravel()
+        signs = _signs(self.rows)
+        self.signs = signs[:, self.upper[0], self.upper[1]]  # [U, pairs]
+        self.untied = np.abs(self.signs) @ self.pair_counts  # resample position pairs with differing values
+        centred = self.rows - self.rows.mean(-1, keepdims=True)
+        self.z = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True))  # z-scores: little cancellation below
+        self.mean = self.z @ counts.T / n
+        self.var = (self.z * self.z) @ counts.T / n - self.mean ** 2
+        # average rank within a resample: rank_i = #{below} + (#{tied} + 1) / 2, weighted mean (n + 1) / 2;
+        # signs[u, j, i] = sign(v_j - v_i) < 0 where unit j is below unit i
+        self.ranks = counts @ ((signs < 0) + (signs == 0) / 2) + 0.5 - (n + 1) / 2  # [U, B, n]
+        self.rank_var = np.einsum("bi,ubi,ubi->ub", counts, self.ranks, self.ranks) / n
 
 
-def _weighted_pearson(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Pearson r of each resample given by its unit multiplicities: x, y [T, B|1, n], counts [B, n] -> [T, B]."""
-    w = counts / counts.sum(-1, keepdims=True)
-    dx = x - (w * x).sum(-1, keepdims=True)
-    dy = y - (w * y).sum(-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):  # degenerate resamples are set to NaN by the caller
-        return np.clip((w * dx * dy).sum(-1) / np.sqrt((w * dx * dx).sum(-1) * (w * dy * dy).sum(-1)), -1, 1)
+def bootstrap_r(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Each method's r on every resample ([T, B]) of every test (rows of x, y [T, n], neither constant), with
+    resamples given as unit multiplicities `counts` [B, n]; NaN where a resample's x or y is constant.
 
-
-def bootstrap_r(method: str, x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """r of every resample ([T, B]) of every test (rows of x, y [T, n]); NaN where a resample's x or y is constant.
-
-    Hand-written instead of scipy.stats.bootstrap's statistic calls: resamples are given as multiplicities and
-    every statistic is a matrix product over them, so tens of thousands of tests share one draw and take seconds
-    (scipy would index a [T, B, n] copy per test block and rank it, and its quantiles turn NaN as soon as one
-    resample is degenerate). tests/test_correlations.py checks equality with scipy.stats.bootstrap.
+    Hand-written instead of scipy.stats.bootstrap's per-test statistic calls: with multiplicities every statistic
+    is a few matrix products, shared by the tests of one x (or y) row, so the tens of thousands of tests of a run
+    take seconds, not the minutes of calling scipy per test (whose quantiles also turn NaN as soon as one resample
+    is degenerate). tests/test_correlations.py checks equality with scipy.stats.bootstrap and with scipy.stats on
+    explicitly resampled data. Sums over a resample's position pairs are quadratic forms in the multiplicities
+    (copies of one unit are tied pairs), taken over the unit pairs i < j.
     """
-    sx, sy = _signs(x), _signs(y)
-    defined = (_quadratic(counts, np.abs(sx)) > 0) & (_quadratic(counts, np.abs(sy)) > 0)
-    if method == "kendall":  # tau-b: concordant minus discordant over sqrt of the pairs untied in x and in y
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = _quadratic(counts, sx * sy) / np.sqrt(_quadratic(counts, np.abs(sx)) * _quadratic(counts, np.abs(sy)))
-        r = np.clip(r, -1, 1)
-    elif method == "spearman":  # Pearson of the average ranks within each resample: rank_i = #{below} + (#{tied}+1)/2
-        ranks = [counts @ (s < 0) + (counts @ (s == 0) + 1) / 2 for s in (sx, sy)]
-        r = _weighted_pearson(*ranks, counts)
-    else:
-        r = _weighted_pearson(x[:, None], y[:, None], counts)
-    return np.where(defined, r, np.nan)
+    n = x.shape[1]
+    sx, sy = _Side(x, counts), _Side(y, counts)
+    ix, iy = sx.index, sy.index
+    defined = (sx.untied[ix] > 0) & (sy.untied[iy] > 0)
+    found = {}
+    with np.errstate(invalid="ignore", divide="ignore"):  # degenerate resamples, set to NaN below
+        # Kendall tau-b: concordant minus discordant pairs over sqrt of the pairs untied in x and in y
+        found["kendall"] = (sx.signs[ix] * sy.signs[iy]) @ sx.pair_counts / np.sqrt(sx.untied[ix] * sy.untied[iy])
+        cov = (sx.z[ix] * sy.z[iy]) @ counts.T / n - sx.mean[ix] * sy.mean[iy]
+        found["pearson"] = cov / np.sqrt(sx.var[ix] * sy.var[iy])
+        cross = np.einsum("bi,tbi,tbi->tb", counts, sx.ranks[ix], sy.ranks[iy]) / n
+        found["spearman"] = cross / np.sqrt(sx.rank_var[ix] * sy.rank_var[iy])
+    return {method: np.where(defined, np.clip(r, -1, 1), np.nan) for method, r in found.items()}
 
 
-def _tie_sizes(row: np.ndarray) -> tuple[int, ...]:
-    counts = np.unique(row, return_counts=True)[1]
-    return tuple(sorted(int(c) for c in counts if c > 1))
+def percentile_interval(boot: np.ndarray, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of [T, B], the percentile interval over the finite resamples (numpy's linear quantile, which
+    scipy.stats.bootstrap uses too); NaN where none is finite. np.nanquantile gives the same, one row at a time."""
+    ordered = np.sort(boot, -1)  # NaN last
+    finite = np.isfinite(boot).sum(-1)
+    last = np.maximum(finite - 1, 0)
+    rows = np.arange(len(boot))
+    bounds = []
+    for level in ((1 - confidence) / 2, (1 + confidence) / 2):
+        position = level * last
+        below = np.floor(position).astype(int)
+        low, high = ordered[rows, below], ordered[rows, np.minimum(below + 1, last)]
+        bounds.append(np.where(finite > 0, low + (position - below) * (high - low), np.nan))
+    return bounds[0], bounds[1]
 
 
 def kendall(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """scipy.stats.kendalltau (tau-b, method auto) for every row of [T, n], called once per distinct sufficient
-    statistic: tau and its p depend only on n, concordant minus discordant pairs and the tie-group sizes of x and
-    of y, and real tables repeat these a lot (so ~10^4 tests cost ~10^2 scipy calls, not 10^4 of ~1 ms each)."""
-    balance = np.rint(0.5 * (_signs(x) * _signs(y)).sum((1, 2))).astype(int)
-    memo: dict[tuple, tuple[float, float]] = {}
-    r, p = np.empty(len(x)), np.empty(len(x))
-    for t in range(len(x)):
-        key = (x.shape[1], balance[t], _tie_sizes(x[t]), _tie_sizes(y[t]))
-        if key not in memo:
-            found = stats.kendalltau(x[t], y[t])
-            memo[key] = (float(found.statistic), float(found.pvalue))
-        r[t], p[t] = memo[key]
-    return r, p
+    """scipy.stats.kendalltau (tau-b, method auto) for every row pair of [T, n], called once per distinct
+    sufficient statistic: tau and its p depend only on n, concordant minus discordant pairs and, for x and for y,
+    scipy's three tie sums over tie groups of size t (t(t-1)/2, t(t-1)(t-2), t(t-1)(2t+5)). Real tables repeat
+    these a lot, so ~10^4 tests cost ~10^2 scipy calls of ~1 ms, not 10^4."""
+    sx, sy = _signs(x), _signs(y)
+    keys = [np.full(len(x), x.shape[1]), 0.5 * (sx * sy).sum((1, 2))]
+    for s in (sx, sy):
+        group = (s == 0).sum(-1).astype(float)  # each unit's tie-group size t; a group's sum = its units' sum / t
+        keys += [((group - 1) / 2).sum(-1), ((group - 1) * (group - 2)).sum(-1),
+                 ((group - 1) * (2 * group + 5)).sum(-1)]
+    _, first, inverse = np.unique(np.rint(np.stack(keys, 1)).astype(np.int64), axis=0, return_index=True,
+                                  return_inverse=True)
+    found = [stats.kendalltau(x[i], y[i]) for i in first]
+    r = np.array([f.statistic for f in found], dtype=float)
+    p = np.array([f.pvalue for f in found], dtype=float)
+    return r[inverse.ravel()], p[inverse.ravel()]
 
 
 def point_estimates(method: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,41 +251,37 @@ def point_estimates(method: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarr
     return np.asarray(found.statistic, dtype=float), np.asarray(found.pvalue, dtype=float)
 
 
-def _undefined_reason(n: int, x: np.ndarray, y: np.ndarray, units: str) -> str | None:
+def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | None]:
+    """Per row pair of [T, n]: why no correlation is defined (n < 3, a constant side), or None."""
+    n = x.shape[1]
     if n < 3:
-        return f"n < 3 ({n} {units} with both values)"
-    flat = [name for name, v in (("x", x), ("y", y)) if np.all(v == v[0])]
-    return f"{' and '.join(flat)} constant over the {n} {units}" if flat else None
-
-
-def _chunks(total: int, per_test_bytes: int) -> list[slice]:
-    size = max(1, _CHUNK_BYTES // max(per_test_bytes, 1))
-    return [slice(i, min(i + size, total)) for i in range(0, total, size)]
+        return [f"n < 3 ({n} {units} with both values)"] * len(x)
+    flat_x, flat_y = (np.all(v == v[:, :1], axis=1) for v in (x, y))
+    names = {(True, False): "x", (False, True): "y", (True, True): "x and y"}
+    return [f"{names[fx, fy]} constant over the {n} {units}" if fx or fy else None
+            for fx, fy in zip(flat_x.tolist(), flat_y.tolist())]
 
 
 def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resamples: int) -> pl.DataFrame:
-    """Every method's n, r, CI, p and reason for tests over the same number of units (rows of x, y [T, n]);
-    rows in the order method-major, test-minor, with the test's row index in `test`."""
+    """Every method's n, r, CI, p and reason for tests over the same number of units (rows of x, y [T, n]),
+    with the test's row index in `test`."""
     tests, n = x.shape
-    reasons = [_undefined_reason(n, xi, yi, units) for xi, yi in zip(x, y)]
+    reasons = undefined_reasons(x, y, units)
     ok = np.flatnonzero([reason is None for reason in reasons])
-    counts = resample_counts(n, resamples, seed) if len(ok) else None
-    alpha = (1 - CONFIDENCE) / 2
-    frames = []
-    for method in METHODS:
-        r, p, low, high = (np.full(tests, np.nan) for _ in range(4))
-        if len(ok):
-            r[ok], p[ok] = point_estimates(method, x[ok], y[ok])
-            for part in _chunks(len(ok), 8 * 4 * resamples * n * (1 if method == "pearson" else n)):
-                chosen = ok[part]
-                boot = bootstrap_r(method, x[chosen], y[chosen], counts)
-                some = np.isfinite(boot).any(-1)  # all-NaN only when every resample is degenerate
-                if some.any():
-                    low[chosen[some]], high[chosen[some]] = np.nanquantile(boot[some], [alpha, 1 - alpha], axis=-1)
-        frames.append(pl.DataFrame({"test": np.arange(tests), "method": method, "n": n, "r": r, "ci_low": low,
-                                    "ci_high": high, "p": p, "reason": reasons},
-                                   schema_overrides={"n": pl.Int64, "reason": pl.String}))
-    return pl.concat(frames)
+    found = {m: {k: np.full(tests, np.nan) for k in ("r", "p", "ci_low", "ci_high")} for m in METHODS}
+    if len(ok):
+        for method in METHODS:
+            found[method]["r"][ok], found[method]["p"][ok] = point_estimates(method, x[ok], y[ok])
+        counts = resample_counts(n, resamples, seed)
+        size = max(1, _CHUNK_BYTES // (8 * 4 * resamples * n))  # ~4 arrays of [tests, resamples, n] per chunk
+        ok = ok[np.argsort(np.unique(x[ok], axis=0, return_inverse=True)[1].ravel(), kind="stable")]
+        for start in range(0, len(ok), size):  # tests of one x row together: a chunk holds few distinct x rows
+            chosen = ok[start:start + size]
+            for method, boot in bootstrap_r(x[chosen], y[chosen], counts).items():
+                found[method]["ci_low"][chosen], found[method]["ci_high"][chosen] = percentile_interval(boot)
+    return pl.concat([pl.DataFrame({"test": np.arange(tests), "method": method, "n": n, **found[method],
+                                    "reason": reasons}, schema_overrides={"n": pl.Int64, "reason": pl.String})
+                      for method in METHODS])
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
