@@ -226,7 +226,7 @@ def test_run_failing_in_preflight_exits_2_with_one_line_and_no_run_dir(tiny_fami
 # --- 3. cache entries cut short or corrupt: a miss, recomputed, never trusted -----------------------------------
 
 def test_weight_features_cache_cut_short_is_recomputed(tiny_family, tmp_path, caplog):
-    from merging.weight_features import cached_weight_features
+    from probing.similarity.weights import cached_weight_features
 
     models = dict(tiny_family)
     rows, cached = cached_weight_features(models, "base", tmp_path)
