@@ -127,7 +127,8 @@ def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Te
         prob = torch.softmax(ff @ q, -1)  # [B, n, C]
         grad = (prob - hot) @ q.T + lm * omega_f  # [B, n, K]
         stiffness = lm * omega[li]  # [B, n, n]
-        hess = stiffness[:, None].repeat(1, k, 1, 1)  # [B, K, n, n]: per logit coordinate (block-Jacobi)
+        # [B, K, n, n]: one block per logit coordinate (block-Jacobi); binary problems need no copy of stiffness
+        hess = stiffness[:, None].repeat(1, k, 1, 1) if k > 1 else stiffness[:, None]
         hess.diagonal(dim1=2, dim2=3).add_((prob @ coordinate_curvature.T - (prob @ q.T) ** 2).transpose(1, 2))
         chol, _ = torch.linalg.cholesky_ex(hess)
 
@@ -151,7 +152,7 @@ def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Te
         size = torch.ones(len(li), dtype=torch.float64)
         for _ in range(30):
             trial = cross_entropy(ff + size[:, None, None] * step, hot) + pen[0] + 2 * size * pen[1] + size ** 2 * pen[2]
-            short = trial > base - 0.25 * size * decrement
+            short = trial > base - 1e-4 * size * decrement
             if not short.any():
                 break
             size = torch.where(short, size / 2, size)
