@@ -1,13 +1,11 @@
 """Linear probes for every layer of a task at once, with Hewitt & Liang control tasks and optional MDL.
 
-The probe is L2-regularised multinomial logistic regression (ridge regression for regression tasks) on features
-standardised per layer with train statistics. It is convex, so instead of Holmes's Adam + early stopping we solve
-it to convergence with one L-BFGS run over a [layers, groups, d, classes] weight tensor (the summed objective is
-separable, so its optimum is every group's own optimum) and choose the L2 strength per layer on dev loss. That
-makes it reproducible and equal to scikit-learn's LogisticRegression at the same C (tests check this), in one
-batched torch solve instead of a Python loop over layers. Being convex, the task probe does not depend on a seed;
-seeds redraw the control task, whose random-but-consistent labels are what selectivity is measured against.
-"""
+The probe is L2-regularised logistic regression (binary, or multinomial for more classes; ridge regression for
+regression tasks) on features standardised per layer with train statistics. It is convex, so instead of Holmes's
+Adam + early stopping we solve it to its optimum, scikit-learn's LogisticRegression at the same C (tests check
+this), for all layers x C values x label sets in one batched Newton solve in the kernel (logit) space
+(fit_logistic), and choose the L2 strength per layer on dev loss. Being convex, the task probe does not depend on
+a seed; seeds redraw the control task, whose random-but-consistent labels are what selectivity is measured against."""
 
 from __future__ import annotations
 
@@ -48,7 +46,8 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, classes: in
     class-0 column is zero, so softmax of the logits is the sigmoid). tol: stop a problem when its Newton
     decrement falls below tol x (1 + objective), the objective being the summed (not mean) loss.
 
-    Hand-written rather than a scikit-learn loop (20x+ faster on the stage's shapes, see bench/bench_probes.py).
+    Hand-written rather than a scikit-learn loop: one batched solve is several times faster on the stage's
+    shapes (bench/bench_probes.py, docs/PERFORMANCE.md).
     By the representer theorem W = x_cᵀ α (x_c: x centred over items, which moves only the intercept), so each
     problem is one over the n training logits f = x_c W + b alone: minimise Σ CE(f) + λ/2 fᵀ K⁺ f with the
     kernel K = x_c x_cᵀ (n ~ 120 unknowns against d = 576-3584; K⁺ ignores the constant, i.e. the intercept).
@@ -151,7 +150,8 @@ def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Te
         base = cross_entropy(ff, hot) + pen[0]
         size = torch.ones(len(li), dtype=torch.float64)
         for _ in range(30):
-            trial = cross_entropy(ff + size[:, None, None] * step, hot) + pen[0] + 2 * size * pen[1] + size ** 2 * pen[2]
+            penalty = pen[0] + 2 * size * pen[1] + size ** 2 * pen[2]
+            trial = cross_entropy(ff + size[:, None, None] * step, hot) + penalty
             short = trial > base - 1e-4 * size * decrement
             if not short.any():
                 break
