@@ -1,9 +1,6 @@
-"""Benchmark the probing stage on the real embedded base model (SmolLM2-135M, 31 layers), baselines in the same run:
-
-1. capture: our hooked pass that pools every layer (transformer-lens bridge) vs a plain HF forward pass of the
-   same batches (no hidden states kept): time ratio and peak RSS growth of each.
-2. probes: all layers of one task fitted at once (batched L-BFGS, dev-selected C) vs a scikit-learn
-   LogisticRegression loop over layers at the same C: time ratio and max |macro-F1 difference|.
+"""Benchmark the capture pass on the real embedded base model (SmolLM2-135M, 31 layers), baseline in the same run:
+our hooked pass that pools every layer (transformer-lens bridge) vs a plain HF forward pass of the same batches
+(no hidden states kept): time ratio and peak RSS growth of each. The probes have their own: bench/bench_probes.py.
 
     python bench/bench_probing.py [--task noun_number] [--batch-size 32]
 """
@@ -15,17 +12,13 @@ import os
 import resource
 import time
 
-import numpy as np
 import psutil
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
-from probing.capture import capture, task_features, task_requests
+from probing.capture import capture, task_requests
 from probing.hooks import HookRunner
-from probing.probes import Split, probe_classification, standardise
 from probing.stage import load_tasks
 
 
@@ -77,35 +70,6 @@ def main() -> None:
           f"time ratio {capture_s / plain_s:.2f}x   stored pooled: {pooled.numel() * 4 / 2**20:.1f} MB (fp32)")
     print(f"  capture, torch  {hooks_s:7.2f} s   peak RSS +{hooks_mb:6.1f} MB   time ratio {hooks_s / plain_s:.2f}x "
           "(fallback backend: HF module map, eager attention)")
-
-    split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
-    x = standardise(task_features(pooled.half().float(), index), split.train)
-    no_controls = np.zeros((0, len(task.labels)), np.int64)
-    scores, batched_s, _ = timed(lambda: probe_classification(x, task.labels, no_controls, split, task.num_labels))
-
-    def sklearn_loop() -> np.ndarray:
-        out = []
-        for layer in range(x.shape[0]):
-            clf = LogisticRegression(C=scores.chosen_c[layer], max_iter=5000).fit(
-                x[layer, split.train].numpy(), task.labels[split.train])
-            out.append(f1_score(task.labels[split.test], clf.predict(x[layer, split.test].numpy()), average="macro"))
-        return np.array(out)
-
-    def sklearn_grid() -> None:  # what the batched fit actually does: every C of the grid, for every layer
-        for layer in range(x.shape[0]):
-            for c in (0.01, 0.1, 1.0, 10.0):
-                LogisticRegression(C=c, max_iter=5000).fit(x[layer, split.train].numpy(), task.labels[split.train])
-
-    reference, loop_s, _ = timed(sklearn_loop)
-    _, grid_s, _ = timed(sklearn_grid)
-    diff = np.abs(scores.task["macro_f1"] - reference)
-    print(f"probes {task.name}: {x.shape[0]} layers, d={x.shape[2]}, n_train={int(split.train.sum())}")
-    print(f"  batched (4 C values x all layers + dev selection) {batched_s:6.2f} s")
-    print(f"  sklearn loop, 4 C values x layers                 {grid_s:6.2f} s   ratio {batched_s / grid_s:.2f}x")
-    print(f"  sklearn loop, chosen C only                       {loop_s:6.2f} s   ratio {batched_s / loop_s:.2f}x")
-    print(f"  macro-F1 |batched - sklearn|: max {diff.max() * 100:.2f} points, mean {diff.mean() * 100:.2f} points; "
-          f"best layer {int(scores.task['macro_f1'].argmax())} ({scores.task['macro_f1'].max():.3f}), "
-          f"last layer {scores.task['macro_f1'][-1]:.3f}")
 
 
 if __name__ == "__main__":

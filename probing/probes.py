@@ -1,13 +1,11 @@
 """Linear probes for every layer of a task at once, with Hewitt & Liang control tasks and optional MDL.
 
-The probe is L2-regularised multinomial logistic regression (ridge regression for regression tasks) on features
-standardised per layer with train statistics. It is convex, so instead of Holmes's Adam + early stopping we solve
-it to convergence with one L-BFGS run over a [layers, groups, d, classes] weight tensor (the summed objective is
-separable, so its optimum is every group's own optimum) and choose the L2 strength per layer on dev loss. That
-makes it reproducible and equal to scikit-learn's LogisticRegression at the same C (tests check this), in one
-batched torch solve instead of a Python loop over layers. Being convex, the task probe does not depend on a seed;
-seeds redraw the control task, whose random-but-consistent labels are what selectivity is measured against.
-"""
+The probe is L2-regularised logistic regression (binary, or multinomial for more classes; ridge regression for
+regression tasks) on features standardised per layer with train statistics. It is convex, so instead of Holmes's
+Adam + early stopping we solve it to its optimum, scikit-learn's LogisticRegression at the same C (tests check
+this), for all layers x C values x label sets in one batched Newton solve in the kernel (logit) space
+(fit_logistic), and choose the L2 strength per layer on dev loss. Being convex, the task probe does not depend on
+a seed; seeds redraw the control task, whose random-but-consistent labels are what selectivity is measured against."""
 
 from __future__ import annotations
 
@@ -39,44 +37,152 @@ def standardise(features: torch.Tensor, train: np.ndarray) -> torch.Tensor:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, classes: int,
-                 max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise, for every layer l and group g at once, mean CE(x[l] W[l,g] + b[l,g], y[g]) + l2[l,g]/2 |W[l,g]|².
+                 max_iter: int = 100, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise, for every layer l and group g at once, mean CE(x[l] W + b, y[g]) + l2[l,g]/2 |W|², exactly
+    scikit-learn's LogisticRegression at C = 1 / (l2 * n): binary as one sigmoid weight vector, more classes as a
+    full multinomial (softmax) with every class's weights penalised, the intercept never.
 
-    x: [L, n, d]; y: [G, n] class indices; l2: [L, G]. Returns W [L, G, d, C], b [L, G, C].
+    x: [L, n, d]; y: [G, n] class indices; l2: [L, G]. Returns W [L, G, d, C], b [L, G, C] (for two classes the
+    class-0 column is zero, so softmax of the logits is the sigmoid). tol: stop a problem when its Newton
+    decrement falls below tol x (1 + objective), the objective being the summed (not mean) loss.
+
+    Hand-written rather than a scikit-learn loop: one batched solve is several times faster on the stage's
+    shapes (bench/bench_probes.py, docs/PERFORMANCE.md).
+    By the representer theorem W = x_cᵀ α (x_c: x centred over items, which moves only the intercept), so each
+    problem is one over the n training logits f = x_c W + b alone: minimise Σ CE(f) + λ/2 fᵀ K⁺ f with the
+    kernel K = x_c x_cᵀ (n ~ 120 unknowns against d = 576-3584; K⁺ ignores the constant, i.e. the intercept).
+    There the Hessian is per-item curvature plus the shared λ K⁺, formed in O(n²), and damped Newton runs on all
+    L x G problems at once: one batched Cholesky per step, ~10 steps to machine precision.
     """
-    # Representer theorem: with an L2 penalty the optimal W lies in the row space of x, so solve in the basis of
-    # x's right singular vectors (rank <= n, e.g. 120 instead of 576-1152 dims) and map back: the same optimum,
-    # several times cheaper per L-BFGS step.
-    _, _, vh = torch.linalg.svd(x.float(), full_matrices=False)  # vh: [L, r, d]
-    weight_r, bias = _fit_logistic_full(x.float() @ vh.transpose(1, 2), y, l2, classes, max_iter)
-    return torch.einsum("lrd,lgrc->lgdc", vh, weight_r), bias
+    x64 = x.double()
+    mean = x64.mean(1, keepdim=True)
+    centred = x64 - mean
+    q = _logit_basis(classes)
+    omega = _kernel_penalty(centred @ centred.transpose(1, 2))
+    f = _newton(omega, y, (l2 * x.shape[1]).double(), q, max_iter, tol)  # [L, G, n, C-1]
+    weight = torch.einsum("lnd,lgnk,kc->lgdc", centred, omega[:, None] @ f, q)  # W = x_cᵀ α, α = K⁺ f
+    bias = f.mean(2) @ q - torch.einsum("ld,lgdc->lgc", mean[:, 0], weight)
+    return weight.float(), bias.float()
 
 
-def _fit_logistic_full(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, classes: int,
-                       max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layers, n, d = x.shape
-    groups = y.shape[0]
-    if classes == 2:  # softmax over 2 classes splits the logistic weight in halves (w, -w): double the penalty
-        l2 = 2 * l2  # so that C means scikit-learn's C for its binary logistic regression too
-    weight = torch.zeros(layers, d, groups * classes, requires_grad=True)  # bmm layout: [L, d, G*C]
-    bias = torch.zeros(layers, 1, groups * classes, requires_grad=True)
-    x = x.float().contiguous()
-    targets = y.T.reshape(1, n, groups, 1).expand(layers, -1, -1, -1)
-    optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-5,
-                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+def _kernel_penalty(gram: torch.Tensor) -> torch.Tensor:
+    """Ω = K⁺ for centred kernels K [L, n, n] (the constant vector in their null space): one Cholesky,
+    K⁺ = (K + J)⁻¹ - J with J = 11ᵀ/n, where x spans n - 1 directions (always, for d >= n and distinct items).
+    Where it spans fewer, logits outside span(K) + constant are impossible: K⁺ from the eigendecomposition plus a
+    stiff penalty (1e8 x the largest in K⁺) on those directions."""
+    n = gram.shape[-1]
+    ones = torch.full((n, n), 1.0 / n, dtype=gram.dtype)
+    chol, info = torch.linalg.cholesky_ex(gram + ones)
+    pivots = chol.diagonal(dim1=1, dim2=2) ** 2
+    full = (info == 0) & (pivots.amin(-1) > 1e-10 * gram.diagonal(dim1=1, dim2=2).mean(-1))
+    omega = torch.cholesky_inverse(torch.where(full[:, None, None], chol, torch.eye(n, dtype=gram.dtype))) - ones
+    if not full.all():
+        eig, u = torch.linalg.eigh(gram[~full])
+        keep = eig > eig[:, -1:] * 1e-10
+        inv = torch.where(keep, 1 / eig.clamp_min(1e-300), torch.zeros_like(eig))
+        outside = (u * ~keep[:, None]) @ u.transpose(1, 2) - ones  # projector on the impossible directions
+        omega[~full] = (u * inv[:, None]) @ u.transpose(1, 2) + 1e8 * inv.amax(-1)[:, None, None] * outside
+    return (omega + omega.transpose(1, 2)) / 2
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        logits = torch.baddbmm(bias, x, weight).reshape(layers, n, groups, classes)
-        nll = -torch.log_softmax(logits, -1).gather(-1, targets).squeeze(-1).mean(1)  # [L, G]
-        penalty = weight.reshape(layers, d, groups, classes).pow(2).sum((1, 3))
-        loss = (nll + 0.5 * l2 * penalty).sum()
-        loss.backward()
-        return loss
 
-    optimiser.step(closure)
-    return (weight.detach().reshape(layers, d, groups, classes).permute(0, 2, 1, 3),
-            bias.detach().reshape(layers, groups, classes))
+def _logit_basis(classes: int) -> torch.Tensor:
+    """Q [C-1, C]: logits = f Q. Binary: Q = [0, 1], scikit-learn's sigmoid. Multinomial: an orthonormal basis of
+    the zero-sum logit vectors; scikit-learn's optimum lies there (summing its stationarity condition over classes
+    gives Σ_c W_c = 0), |W Q| = |W| keeps the penalty, and dropping the softmax's shift direction makes every
+    Newton Hessian positive definite."""
+    if classes == 2:
+        return torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    centred = torch.eye(classes, dtype=torch.float64) - 1.0 / classes
+    return torch.linalg.svd(centred)[2][:classes - 1]  # the top C-1 right singular vectors span the zero-sum space
+
+
+def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, max_iter: int,
+            tol: float) -> torch.Tensor:
+    """Damped Newton on F(f) = Σ_i CE(f_i Q, y_i) + lam/2 tr(fᵀ Ω f) over logits f [n, K] (K = C-1), batched over
+    layers (omega [L, n, n]) and groups (y [G, n], lam [L, G]). Returns f [L, G, n, K]. For multinomial problems
+    the Newton system (nK x nK) is solved by conjugate gradients preconditioned with its K diagonal n x n blocks,
+    so each step costs K Cholesky factorisations of n x n instead of one of nK x nK. Problems leave the batch as
+    they converge."""
+    layers, n, _ = omega.shape
+    groups, k = y.shape[0], q.shape[0]
+    onehot = torch.nn.functional.one_hot(y, q.shape[1]).double()  # [G, n, C]
+    f = torch.zeros(layers, groups, n, k, dtype=torch.float64)
+    active = torch.ones(layers, groups, dtype=torch.bool)
+    coordinate_curvature = q ** 2  # [K, C]: diag of Q (diag p - p pᵀ) Qᵀ is p @ (Q²)ᵀ - (p @ Qᵀ)²
+
+    def by_layer(v: torch.Tensor) -> torch.Tensor:  # Ω v for every group of a layer in one pass over Ω
+        return (omega @ v.permute(0, 2, 1, 3).reshape(layers, n, -1)).reshape(layers, n, groups, k).transpose(1, 2)
+
+    def cross_entropy(ff: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
+        logits = ff @ q
+        return (torch.logsumexp(logits, -1) - (logits * hot).sum(-1)).sum(-1)
+
+    for _ in range(max_iter):
+        li, gi = active.nonzero(as_tuple=True)
+        if len(li) == 0:
+            break
+        omega_f = by_layer(f)[li, gi]
+        ff, hot, lm = f[li, gi], onehot[gi], lam[li, gi, None, None]
+        prob = torch.softmax(ff @ q, -1)  # [B, n, C]
+        grad = (prob - hot) @ q.T + lm * omega_f  # [B, n, K]
+        stiffness = lm * omega[li]  # [B, n, n]
+        # [B, K, n, n]: one block per logit coordinate (block-Jacobi); binary problems need no copy of stiffness
+        hess = stiffness[:, None].repeat(1, k, 1, 1) if k > 1 else stiffness[:, None]
+        hess.diagonal(dim1=2, dim2=3).add_((prob @ coordinate_curvature.T - (prob @ q.T) ** 2).transpose(1, 2))
+        chol, _ = torch.linalg.cholesky_ex(hess)
+
+        def blocks_solve(v: torch.Tensor) -> torch.Tensor:  # [B, n, K] -> the block-Jacobi system's solution
+            return torch.cholesky_solve(v.transpose(1, 2)[..., None], chol)[..., 0].transpose(1, 2)
+
+        def hess_times(v: torch.Tensor) -> torch.Tensor:  # the full Hessian, cross-coordinate curvature included
+            vq = v @ q
+            return (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T + stiffness @ v
+
+        step = _preconditioned_cg(hess_times, blocks_solve, -grad) if k > 1 else blocks_solve(-grad)
+        decrement = -(grad * step).sum((1, 2))
+        # Backtracking (Armijo) per problem: halve the step of those whose objective did not drop enough. The
+        # penalty along the step is a quadratic in its size, so only the cross-entropy is re-evaluated.
+        full_step = torch.zeros_like(f)
+        full_step[li, gi] = step
+        omega_step = by_layer(full_step)[li, gi]
+        lm = lm[:, 0, 0] / 2
+        pen = [lm * (a * b).sum((1, 2)) for a, b in ((ff, omega_f), (ff, omega_step), (step, omega_step))]
+        base = cross_entropy(ff, hot) + pen[0]
+        size = torch.ones(len(li), dtype=torch.float64)
+        for _ in range(30):
+            penalty = pen[0] + 2 * size * pen[1] + size ** 2 * pen[2]
+            trial = cross_entropy(ff + size[:, None, None] * step, hot) + penalty
+            short = trial > base - 1e-4 * size * decrement
+            if not short.any():
+                break
+            size = torch.where(short, size / 2, size)
+        f[li, gi] = ff + size[:, None, None] * step
+        active[li, gi] = decrement > tol * (1 + base.abs())
+    return f
+
+
+def _preconditioned_cg(matvec, precondition, rhs: torch.Tensor, max_iter: int = 50,
+                       rtol: float = 1e-10) -> torch.Tensor:
+    """Batched preconditioned conjugate gradients for H s = rhs ([B, ...] per problem, H positive definite).
+    Hand-written: scipy's cg runs one system at a time."""
+    def dot(a, b):
+        return (a * b).flatten(1).sum(-1).reshape(-1, *[1] * (rhs.dim() - 1))
+
+    solution = precondition(rhs)
+    residual = rhs - matvec(solution)
+    z = precondition(residual)
+    direction, rz = z, dot(residual, z)
+    limit = rtol * dot(rhs, rhs)
+    for _ in range(max_iter):
+        if (dot(residual, residual) <= limit).all():
+            break
+        product = matvec(direction)
+        alpha = rz / dot(direction, product).clamp_min(1e-300)
+        solution, residual = solution + alpha * direction, residual - alpha * product
+        z = precondition(residual)
+        rz, previous = dot(residual, z), rz
+        direction = z + rz / previous.clamp_min(1e-300) * direction
+    return solution
 
 
 def logits_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -135,12 +241,14 @@ def _bootstrap_counts(n: int, seed: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerScores:
-    """Per-layer results: metric name -> [L] task scores, [S, L] control scores, [L] bootstrap stderr."""
+    """Per-layer results: metric name -> [L] task scores, [S, L] control scores, [L] bootstrap stderr; and the task
+    probe's test predictions per layer, [L, n_test] (class indices, or values for regression), in item order."""
 
     task: dict[str, np.ndarray]
     control: dict[str, np.ndarray]
     stderr: dict[str, np.ndarray]
     chosen_c: np.ndarray
+    test_pred: np.ndarray
 
 
 def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, split: Split, classes: int,
@@ -172,7 +280,7 @@ def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, s
                    "accuracy": (cpred == yc[:, te]).double().mean(-1).T.numpy()}
     return LayerScores(task={k: v.numpy() for k, v in task.items()}, control=control,
                        stderr={k: v.std(0).numpy() for k, v in boot.items()},
-                       chosen_c=np.array(c_grid)[best.numpy()])
+                       chosen_c=np.array(c_grid)[best.numpy()], test_pred=test_pred.numpy())
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
@@ -207,7 +315,8 @@ def probe_regression(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, split
         cpred = torch.einsum("lnd,lgd->lgn", x[:, te].double(), cw) + yc[:, tr].mean(-1)[None, :, None]
         control = pearson(cpred, yc[:, te][None]).T.numpy()
     return LayerScores(task={"pearson": pearson(pred, yt[te]).numpy()}, control={"pearson": control},
-                       stderr={"pearson": boot.std(0).numpy()}, chosen_c=np.array(c_grid)[best.numpy()])
+                       stderr={"pearson": boot.std(0).numpy()}, chosen_c=np.array(c_grid)[best.numpy()],
+                       test_pred=pred.numpy())
 
 
 def online_codelength(x: torch.Tensor, y: np.ndarray, train: np.ndarray, classes: int, seed: int,

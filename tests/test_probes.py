@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from scipy.stats import pearsonr
+from sklearn.metrics import f1_score
 
 from probing.probes import (Split, control_labels, fit_logistic, logits_of, online_codelength, probe_classification,
                             probe_regression, standardise)
@@ -35,6 +36,10 @@ def test_planted_feature_scores_high_and_control_stays_near_chance():
     assert np.all(np.abs(scores.control["macro_f1"][:, 2].mean() - 0.5) < 0.15)
     assert scores.task["macro_f1"][2] - scores.control["macro_f1"][:, 2].mean() > 0.3  # selectivity
     assert np.all(scores.stderr["macro_f1"][:2] > 0)
+    assert scores.test_pred.shape == (3, split.test.sum())
+    for layer in range(3):
+        assert scores.task["macro_f1"][layer] == pytest.approx(
+            f1_score(y[split.test], scores.test_pred[layer], average="macro"))
 
 
 def test_control_labels_are_consistent_per_type_and_follow_the_label_distribution():
@@ -48,20 +53,75 @@ def test_control_labels_are_consistent_per_type_and_follow_the_label_distributio
     assert abs(many.mean() - 0.25) < 0.03
 
 
-def test_batched_fit_equals_sklearn_per_layer_and_c():
-    x, y, split = planted(n=160, d=20)
-    xs = standardise(x, split.train)
-    cs = (0.05, 1.0)
-    n_train = int(split.train.sum())
-    l2 = torch.tensor([[1 / (c * n_train) for c in cs]] * 3)
-    tr = torch.from_numpy(split.train)
-    weight, bias = fit_logistic(xs[:, tr], torch.from_numpy(y[split.train]).expand(2, -1), l2, 2)
-    proba = torch.softmax(logits_of(xs[:, ~tr], weight, bias), -1)
-    for layer in range(3):
-        for g, c in enumerate(cs):
-            clf = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(xs[layer, tr].numpy(), y[split.train])
-            expected = clf.predict_proba(xs[layer, ~tr].numpy())
-            np.testing.assert_allclose(proba[layer, g].numpy(), expected, atol=2e-3)
+def sklearn_objective(x: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.ndarray, c: float) -> float:
+    """scikit-learn's LogisticRegression objective: C x summed log-loss + |coef|²/2 (intercept unpenalised), with
+    one sigmoid for two classes and a full softmax otherwise."""
+    logits = x @ coef.T + intercept
+    if coef.shape[0] == 1:
+        logits = np.concatenate([np.zeros_like(logits), logits], 1)
+    logits -= logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return c * -log_p[np.arange(len(y)), y].sum() + 0.5 * (coef ** 2).sum()
+
+
+def as_sklearn(weight: torch.Tensor, bias: torch.Tensor, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Our [d, C] / [C] fit in scikit-learn's layout (binary: the one sigmoid vector, our class-1 column)."""
+    w, b = weight.double().numpy().T, bias.double().numpy()
+    return (w[1:], b[1:]) if classes == 2 else (w, b)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 4])
+def test_fit_reaches_sklearns_optimum_for_every_layer_and_c(classes):
+    """d > n as on real features (rank-n kernel), and d < n (x spans fewer directions than there are items)."""
+    rng = np.random.default_rng(classes)
+    n, cs = 60, (0.01, 1.0, 30.0)
+    y = np.arange(n) % classes
+    for d in (100, 15):
+        x = rng.normal(size=(2, n, d)) + 0.4 * y[None, :, None] * (rng.normal(size=d) > 1)
+        xt = torch.from_numpy(x).float()
+        l2 = torch.tensor([[1 / (c * n) for c in cs]] * 2)
+        weight, bias = fit_logistic(xt, torch.from_numpy(y).expand(len(cs), -1), l2, classes, tol=1e-10)
+        proba = torch.softmax(logits_of(xt, weight, bias), -1).numpy()
+        for layer in range(2):
+            xl = xt[layer].double().numpy()
+            for g, c in enumerate(cs):
+                clf = LogisticRegression(C=c, tol=1e-10, max_iter=100000).fit(xl, y)
+                coef, intercept = as_sklearn(weight[layer, g], bias[layer, g], classes)
+                ours = sklearn_objective(xl, y, coef, intercept, c)
+                theirs = sklearn_objective(xl, y, clf.coef_, clf.intercept_, c)
+                assert ours <= theirs + 1e-6 * abs(theirs) and ours == pytest.approx(theirs, rel=1e-5)
+                np.testing.assert_allclose(coef, clf.coef_, atol=2e-3 * np.abs(clf.coef_).max())
+                np.testing.assert_allclose(proba[layer, g], clf.predict_proba(xl), atol=2e-3)
+                np.testing.assert_array_equal(proba[layer, g].argmax(-1), clf.predict(xl))
+
+
+def test_fit_stays_at_the_optimum_on_separable_data_with_weak_penalty():
+    """Separable classes and C = 1e4: the optimum has large weights; the fit must still be stationary."""
+    rng = np.random.default_rng(3)
+    for classes in (2, 3):
+        n, d = 60, 200
+        y = np.arange(n) % classes
+        x = torch.from_numpy(rng.normal(size=(1, n, d)) + 3.0 * np.eye(classes)[y] @ rng.normal(size=(classes, d))
+                             ).float()
+        l2 = torch.tensor([[1 / (1e4 * n)]])
+        weight, bias = fit_logistic(x, torch.from_numpy(y)[None], l2, classes, tol=1e-10)
+        w = weight[0, 0].double().requires_grad_()
+        b = bias[0, 0].double().requires_grad_()
+        if classes == 2:  # scikit-learn's binary parametrisation: the class-0 logit is fixed at zero
+            logits = torch.stack([torch.zeros(n, dtype=torch.float64), x[0].double() @ w[:, 1] + b[1]], 1)
+            penalty = w[:, 1].pow(2).sum()
+        else:
+            logits, penalty = x[0].double() @ w + b, w.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)) + 0.5 * l2[0, 0] * penalty
+        loss.backward()
+        scale = w.detach().abs().max().item()
+        assert scale > 0.05  # far from the strongly penalised regime
+        assert w.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5
+        assert (logits.argmax(-1).numpy() == y).all()
+        clf = LogisticRegression(C=1e4, tol=1e-10, max_iter=100000).fit(x[0].double().numpy(), y)
+        coef, intercept = as_sklearn(weight[0, 0], bias[0, 0], classes)
+        assert sklearn_objective(x[0].double().numpy(), y, coef, intercept, 1e4) <= \
+            sklearn_objective(x[0].double().numpy(), y, clf.coef_, clf.intercept_, 1e4) * (1 + 1e-6)
 
 
 def test_regression_probe_matches_ridge_and_pearson():
@@ -77,6 +137,7 @@ def test_regression_probe_matches_ridge_and_pearson():
     ridge = Ridge(alpha=1.0).fit(xs[1, split.train].numpy(), target[split.train])
     expected = pearsonr(ridge.predict(xs[1, split.test].numpy()), target[split.test])[0]
     assert scores.task["pearson"][1] == pytest.approx(expected, abs=1e-4)
+    np.testing.assert_allclose(scores.test_pred[1], ridge.predict(xs[1, split.test].numpy()), atol=1e-3)
 
 
 def test_mdl_compresses_planted_labels_better_than_control():
