@@ -34,6 +34,7 @@ import polars as pl
 from scipy import stats
 
 from evaluation.outcomes import metric_key
+from evaluation.paired import bootstrap_counts
 from reports.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
@@ -144,8 +145,7 @@ def _pairs(merges: pl.DataFrame, features: pl.DataFrame, first: str, second: str
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """[resamples, n] multiplicities of each unit in paired bootstrap resamples, drawn exactly as
     scipy.stats.bootstrap(paired=True, rng=np.random.default_rng(seed)) draws its resampled indices."""
-    index = np.random.default_rng(seed).integers(0, n, (resamples, n))
-    return np.stack([np.bincount(row, minlength=n) for row in index]).astype(np.float64)
+    return bootstrap_counts(n, resamples, np.random.default_rng(seed))
 
 
 def _signs(values: np.ndarray) -> np.ndarray:
