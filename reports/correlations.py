@@ -20,7 +20,7 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
 Each pair gets Pearson, Spearman and Kendall (tau-b) r and p exactly as scipy.stats computes them, a paired
 percentile bootstrap 95% CI for r, and a Benjamini–Hochberg q (scipy.stats.false_discovery_control) within its
 declared `family` = analysis|view|method (views of one analysis answer different questions; the three methods are
-alternative analyses of the same one, so neither is pooled). Units missing either value are dropped pairwise.
+alternative analyses of the same one, so none is pooled). Units missing either value are dropped pairwise.
 n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees the data (no warnings).
 """
 
@@ -49,7 +49,7 @@ SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "x_level": p
           "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String, "view": pl.String, "layer": pl.Int64,
           "method": pl.String, "n": pl.Int64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
           "p": pl.Float64, "q": pl.Float64, "reason": pl.String}
-_CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~8 of [tests, resamples, n])
+_CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~4 of [tests, resamples, n])
 
 
 # ---------------------------------------------------------------------------------------------------- variables
