@@ -5,7 +5,8 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
 
 - competence × behaviour, across models (units: every model of the run). x = probe competence (headline metric:
   macro-F1, Pearson for regression; mean over seeds) per task and per phenomenon (the mean of its tasks' layer
-  curves), at four views: `best_layer` (each model's own best layer), `last_layer` (the seed paper's view),
+  curves), at four views: `best_layer` (each model's own best layer, picked on the test split as `merge-eval
+  probes` shows it: optimistic), `last_layer` (the seed paper's view),
   `layer_mean` (the internals outcome score) and `per_layer` (`layer` set: where in depth competence tracks
   behaviour). y = behaviour per task and group, every metric.
 - selector features × merge outcomes, across merges (units: merges). x = every similarity feature (each source) at
