@@ -36,13 +36,16 @@ PAIRED_SCHEMA = {"diff": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64
 Difference = Callable[[np.ndarray], np.ndarray]  # item multiplicities [B, n] -> merge minus parent score [B]
 
 
+def bootstrap_counts(size: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """[resamples, size] multiplicities of each item in bootstrap resamples, from the resampled indices drawn as
+    scipy.stats.bootstrap draws them (rng.integers(0, size, (resamples, size)))."""
+    index = rng.integers(0, size, (resamples, size)) + size * np.arange(resamples)[:, None]
+    return np.bincount(index.ravel(), minlength=resamples * size).reshape(resamples, size).astype(np.float64)
+
+
 def stratified_counts(sizes: Sequence[int], resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Per stratum, [resamples, size] multiplicities of its items in bootstrap resamples drawn within it."""
-    draws = []
-    for size in sizes:
-        index = rng.integers(0, size, (resamples, size))
-        draws.append(np.stack([np.bincount(row, minlength=size) for row in index]).astype(np.float64))
-    return draws
+    return [bootstrap_counts(size, resamples, rng) for size in sizes]
 
 
 def paired_bootstrap(differences: Sequence[Difference], sizes: Sequence[int], seed: int = 0,

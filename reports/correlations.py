@@ -5,7 +5,8 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
 
 - competence × behaviour, across models (units: every model of the run). x = probe competence (headline metric:
   macro-F1, Pearson for regression; mean over seeds) per task and per phenomenon (the mean of its tasks' layer
-  curves), at four views: `best_layer` (each model's own best layer), `last_layer` (the seed paper's view),
+  curves), at four views: `best_layer` (each model's own best layer, picked on the test split as `merge-eval
+  probes` shows it: optimistic), `last_layer` (the seed paper's view),
   `layer_mean` (the internals outcome score) and `per_layer` (`layer` set: where in depth competence tracks
   behaviour). y = behaviour per task and group, every metric.
 - selector features × merge outcomes, across merges (units: merges). x = every similarity feature (each source) at
@@ -20,7 +21,7 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
 Each pair gets Pearson, Spearman and Kendall (tau-b) r and p exactly as scipy.stats computes them, a paired
 percentile bootstrap 95% CI for r, and a Benjamini–Hochberg q (scipy.stats.false_discovery_control) within its
 declared `family` = analysis|view|method (views of one analysis answer different questions; the three methods are
-alternative analyses of the same one, so neither is pooled). Units missing either value are dropped pairwise.
+alternative analyses of the same one, so none is pooled). Units missing either value are dropped pairwise.
 n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees the data (no warnings).
 """
 
@@ -34,6 +35,7 @@ import polars as pl
 from scipy import stats
 
 from evaluation.outcomes import metric_key
+from evaluation.paired import bootstrap_counts
 from reports.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
@@ -48,7 +50,7 @@ SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "x_level": p
           "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String, "view": pl.String, "layer": pl.Int64,
           "method": pl.String, "n": pl.Int64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
           "p": pl.Float64, "q": pl.Float64, "reason": pl.String}
-_CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~8 of [tests, resamples, n])
+_CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~4 of [tests, resamples, n])
 
 
 # ---------------------------------------------------------------------------------------------------- variables
@@ -144,8 +146,7 @@ def _pairs(merges: pl.DataFrame, features: pl.DataFrame, first: str, second: str
 def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
     """[resamples, n] multiplicities of each unit in paired bootstrap resamples, drawn exactly as
     scipy.stats.bootstrap(paired=True, rng=np.random.default_rng(seed)) draws its resampled indices."""
-    index = np.random.default_rng(seed).integers(0, n, (resamples, n))
-    return np.stack([np.bincount(row, minlength=n) for row in index]).astype(np.float64)
+    return bootstrap_counts(n, resamples, np.random.default_rng(seed))
 
 
 def _signs(values: np.ndarray) -> np.ndarray:
