@@ -136,6 +136,14 @@ def behavior_tables_task(frames: list[pl.DataFrame], run: RunDir, config: Experi
                         "kind", "behavior")
 
 
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(run: RunDir) -> Path:
+    """RUN_DIR/report/index.html from the tables (`merge-eval report RUN_DIR` rewrites it the same way)."""
+    from reports.report import write_report
+
+    return write_report(run.root)
+
+
 @flow(name="merge-eval")
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
@@ -158,4 +166,5 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     behavior_tables_task(behavior, run, config)
     probing_task(model_dirs, run, config)
     internals_outcomes_task(run, config)
+    report_task(run)
     return str(run.root)
