@@ -52,7 +52,7 @@ class Chart:
 
 def _layout(fig: go.Figure, height: int, **extra) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=60, r=20, t=50, b=60),
-                      font=dict(size=12), legend=dict(orientation="h", y=-0.18), **extra)
+                      font=dict(size=12), **extra)
     return fig
 
 
@@ -147,15 +147,16 @@ def behaviour_chart(behavior: pl.DataFrame | None, outcomes: pl.DataFrame | None
         n_rows = -(-panels.height // cols)
         titles = [f"{p['task']} · {p['metric']}" + ("" if p["filter"] in (None, "none") else f" ({p['filter']})")
                   for p in panels.iter_rows(named=True)]
-        fig = make_subplots(rows=n_rows, cols=cols, subplot_titles=titles, vertical_spacing=0.5 / n_rows + 0.05,
-                            horizontal_spacing=0.06)
+        height = 120 + 300 * n_rows
+        fig = make_subplots(rows=n_rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.06,
+                            vertical_spacing=120 / height)  # room for tilted model names and the next title
         for i, panel in enumerate(panels.iter_rows(named=True)):
             subset = rows.filter((pl.col("task") == panel["task"]) & (pl.col("metric") == panel["metric"])
                                  & (pl.col("filter").eq_missing(panel["filter"])))
             _behaviour_panel(fig, subset, merges, order, method_colors, (i // cols + 1, i % cols + 1), legend=i == 0)
         fig.update_xaxes(tickangle=35, tickfont=dict(size=10))
         fig.update_annotations(font_size=12)
-        _layout(fig, 120 + 300 * n_rows, barmode="overlay")
+        _layout(fig, height, barmode="overlay")
         figures[str(len(labels))] = fig
         labels.append(label)
     return Chart("behaviour", "Behaviour per task", figures, [Choice("show", _options(labels))],
@@ -377,8 +378,8 @@ def layer_correlation_chart(correlations: pl.DataFrame | None) -> Chart | None:
     figures, labels = {}, []
     for family in sorted(frame["family"].unique()):
         rows = frame.filter(pl.col("family") == family)
-        fig, _ = _heatmap(rows.with_columns(pl.col("layer").alias("order")).sort("order"), "layer", "pair",
-                          "layer", "x ~ y")
+        fig, _ = _heatmap(rows, "layer", "pair", "layer", "x ~ y")
+        fig.update_xaxes(tick0=0, dtick=max(1, -(-rows["layer"].n_unique() // 16)))
         figures[str(len(labels))] = fig
         labels.append(family)
     return Chart("layer-correlations", "Correlations per layer", figures, [Choice("family of tests",
@@ -486,14 +487,19 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
         scopes = subset.select("scope", "layer").unique().sort("layer", nulls_last=False)
         fig = go.Figure()
         steps = []
-        values = subset["value"]
-        zmin, zmax = float(values.min()), float(values.max())
+        # One colour scale for all layers (comparable across depth), another for the whole model (other units
+        # for distances and norms).
+        is_layer = pl.col("scope") == "layer"
+        ranges = {kind: (float(part["value"].min()), float(part["value"].max()))
+                  for kind, part in (("layer", subset.filter(is_layer)), ("whole", subset.filter(~is_layer)))
+                  if not part.is_empty()}
         for i, scope in enumerate(scopes.iter_rows(named=True)):
             part = subset.filter(pl.col("scope").eq_missing(scope["scope"]) & pl.col("layer").eq_missing(scope["layer"]))
             grid = {}
             for r in part.iter_rows(named=True):
                 grid[(r["model_a"], r["model_b"])] = grid[(r["model_b"], r["model_a"])] = r["value"]
             z = _rounded([[grid.get((a, b), np.nan) for b in models] for a in models])
+            zmin, zmax = ranges["layer" if scope["scope"] == "layer" else "whole"]
             fig.add_trace(go.Heatmap(z=z, x=models, y=models, visible=i == 0, colorscale="Viridis", zmin=zmin,
                                      zmax=zmax, colorbar=dict(title="value"),
                                      hovertemplate="%{y} × %{x}: %{z:.4g}<extra></extra>"))
@@ -508,5 +514,5 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
         figures[str(len(labels))] = fig
         labels.append(f"{key['source']}: {key['feature']}" if key["source"] else key["feature"])
     return Chart("similarity", "Similarity between models", figures, [Choice("feature", _options(labels))],
-                 note="Weights: streamed over the checkpoints; functional: from the captured activations. "
-                      "Drag the slider for a layer (colour scale fixed across layers).")
+                 note="Weights: streamed over the checkpoints (layer = decoder layer); functional: from the captured "
+                      "activations. Drag the slider for a layer; the colour scale is fixed across layers.")

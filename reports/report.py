@@ -118,23 +118,27 @@ def stage_timings(run_dir: Path) -> list[dict]:
     """What the run directory records of wall time: per merge (manifest.json) and per behaviour scoring (raw
     lm-eval JSON). Probing and similarity record none; the tables' write times are listed beside."""
     run_dir = Path(run_dir)
+    sources = (("merge", run_dir / "models", "manifest.json", ()),
+               ("behaviour (lm-eval, when first scored)", run_dir / "tables" / "behavior_raw", "*.json",
+                ("merge_eval",)))
     rows = []
-    merges = [json.loads(p.read_text()) for p in sorted((run_dir / "models").rglob("manifest.json"))]
-    seconds = [m["wall_seconds"] for m in merges if isinstance(m.get("wall_seconds"), (int, float))]
-    if seconds:
-        rows.append({"stage": "merge", "items": len(seconds), "total_s": sum(seconds), "max_s": max(seconds)})
-    scored = []
-    for path in sorted((run_dir / "tables" / "behavior_raw").rglob("*.json")):
-        try:
-            wall = json.loads(path.read_text()).get("merge_eval", {}).get("wall_seconds")
-        except (OSError, ValueError):
-            continue
-        if isinstance(wall, (int, float)):
-            scored.append(wall)
-    if scored:
-        rows.append({"stage": "behaviour (lm-eval, when first scored)", "items": len(scored),
-                     "total_s": sum(scored), "max_s": max(scored)})
+    for stage, folder, pattern, path in sources:
+        seconds = [s for s in (_wall_seconds(p, path) for p in sorted(folder.rglob(pattern))) if s is not None]
+        if seconds:
+            rows.append({"stage": stage, "items": len(seconds), "total_s": sum(seconds), "max_s": max(seconds)})
     return rows
+
+
+def _wall_seconds(path: Path, keys: tuple[str, ...]) -> float | None:
+    """`wall_seconds` under `keys` in a JSON file; None when the file or the number is not there."""
+    try:
+        found = json.loads(path.read_text())
+        for key in keys:
+            found = found.get(key, {})
+        seconds = found.get("wall_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
 
 
 def table_files(run: RunTables) -> list[dict]:
