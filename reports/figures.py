@@ -51,13 +51,14 @@ class Chart:
 
 
 def _layout(fig: go.Figure, height: int, **extra) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=60, r=20, t=50, b=60),
-                      font=dict(size=12), **extra)
+    fig.update_layout(**{"height": height, "margin": dict(l=60, r=20, t=50, b=60), "font": dict(size=12), **extra})
     return fig
 
 
-def _rounded(values) -> np.ndarray:
-    return np.round(np.asarray(values, dtype=float), 4)
+def _array(values) -> np.ndarray:
+    """Float64 (None -> NaN), unrounded: plotly packs numeric arrays as base64 float64, and similarity values
+    differ in the fifth decimal (weight cosines of a fine-tuned family are all ~0.9999)."""
+    return np.asarray(values, dtype=float)
 
 
 def _colors(names: list[str]) -> dict[str, str]:
@@ -98,7 +99,7 @@ def _behaviour_panel(fig: go.Figure, rows: pl.DataFrame, merges: pl.DataFrame | 
     if bands:
         low = [min(ps) for _, ps in bands]
         fig.add_trace(go.Bar(
-            x=[m for m, _ in bands], base=_rounded(low), y=_rounded([max(ps) - lo for (_, ps), lo in zip(bands, low)]),
+            x=[m for m, _ in bands], base=_array(low), y=_array([max(ps) - lo for (_, ps), lo in zip(bands, low)]),
             marker=dict(color="rgba(31,119,180,0.18)", line=dict(width=1, color="rgba(31,119,180,0.45)")),
             name="parents' range",
             legendgroup="range", showlegend=legend,
@@ -114,10 +115,10 @@ def _behaviour_panel(fig: go.Figure, rows: pl.DataFrame, merges: pl.DataFrame | 
             continue
         errors = [stderr.get(n) for n in names]
         fig.add_trace(go.Scatter(
-            x=names, y=_rounded([value[n] for n in names]), mode="markers", name=group, legendgroup=group,
+            x=names, y=_array([value[n] for n in names]), mode="markers", name=group, legendgroup=group,
             showlegend=legend, marker=dict(size=9, color="#444" if group == "parent" else method_colors[group],
                                            symbol="diamond" if group == "parent" else "circle"),
-            error_y=dict(type="data", array=_rounded([e if e is not None else np.nan for e in errors]),
+            error_y=dict(type="data", array=_array(errors),
                          thickness=1, width=3),
             hovertemplate="%{x}: %{y:.3f}<extra>" + group + "</extra>"), row=row, col=col)
     fig.update_xaxes(categoryorder="array", categoryarray=models, row=row, col=col)
@@ -218,7 +219,7 @@ def competence_chart(probes: pl.DataFrame | None, order: list[str]) -> Chart | N
     figures, labels = {}, []
     for view in ("mean over layers", "best layer", "last layer"):
         grid = {(r["model"], r["phenomenon"]): r[view] for r in per_phenomenon.iter_rows(named=True)}
-        z = _rounded([[grid.get((m, p), np.nan) for p in phenomena] for m in models])
+        z = _array([[grid.get((m, p), np.nan) for p in phenomena] for m in models])
         fig = go.Figure(go.Heatmap(z=z, x=phenomena, y=models, colorscale="Viridis", zmin=0, zmax=1,
                                    text=[[f"{v:.2f}" if np.isfinite(v) else "" for v in row] for row in z],
                                    texttemplate="%{text}", colorbar=dict(title="score"),
@@ -238,8 +239,8 @@ def _inspector_figure(task_rows: pl.DataFrame, models: list[str], colors: dict[s
         rows = task_rows.filter(pl.col("model") == model).sort("layer")
         if rows.is_empty():
             continue
-        layer, value = rows["layer"].to_numpy(), _rounded(rows["value"])
-        err = _rounded(rows["stderr"].fill_null(0.0))
+        layer, value = rows["layer"].to_numpy(), _array(rows["value"])
+        err = _array(rows["stderr"].fill_null(0.0))
         color = colors[model]
         common = dict(legendgroup=model, line=dict(color=color))
         fig.add_trace(go.Scatter(
@@ -250,11 +251,11 @@ def _inspector_figure(task_rows: pl.DataFrame, models: list[str], colors: dict[s
                                  hovertemplate=f"{model} L%{{x}}: %{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
                                  **common), row=1, col=1)
         if rows["control_value"].is_not_null().any():
-            fig.add_trace(go.Scatter(x=layer, y=_rounded(rows["control_value"].fill_null(np.nan)), mode="lines",
+            fig.add_trace(go.Scatter(x=layer, y=_array(rows["control_value"].fill_null(np.nan)), mode="lines",
                                      showlegend=False, hovertemplate=f"{model} control L%{{x}}: %{{y:.3f}}"
                                                                      "<extra></extra>",
                                      legendgroup=model, line=dict(color=color, dash="dash", width=1)), row=1, col=1)
-            fig.add_trace(go.Scatter(x=layer, y=_rounded(rows["selectivity"].fill_null(np.nan)), mode="lines",
+            fig.add_trace(go.Scatter(x=layer, y=_array(rows["selectivity"].fill_null(np.nan)), mode="lines",
                                      showlegend=False, hovertemplate=f"{model} selectivity L%{{x}}: %{{y:.3f}}"
                                                                      "<extra></extra>", **common), row=2, col=1)
         best = int(np.nanargmax(value))
@@ -331,13 +332,12 @@ def _heatmap(rows: pl.DataFrame, x_col: str, y_col: str, x_title: str, y_title: 
     rows = rows.filter(pl.col(y_col).is_in(keep.implode()))
     ys = sorted(rows[y_col].unique())
     xs = sorted(rows[x_col].unique())
-    index = {(r[y_col], r[x_col]): r for r in rows.iter_rows(named=True)}
-    cell = lambda y, x, k: (index.get((y, x)) or {}).get(k)  # noqa: E731
-    z = _rounded([[np.nan if cell(y, x, "r") is None else cell(y, x, "r") for x in xs] for y in ys])
-    q = np.array([[np.nan if cell(y, x, "q") is None else cell(y, x, "q") for x in xs] for y in ys], dtype=float)
+    cells = {(r[y_col], r[x_col]): r for r in rows.iter_rows(named=True)}
+    grid = lambda key: [[(cells.get((y, x)) or {}).get(key) for x in xs] for y in ys]  # noqa: E731
+    z, q = _array(grid("r")), _array(grid("q"))
     marks = [_significance(row) for row in q]
-    hover = [[f"n={cell(y, x, 'n')} q={cell(y, x, 'q') if cell(y, x, 'q') is None else round(cell(y, x, 'q'), 4)}"
-              + (f" ({cell(y, x, 'reason')})" if cell(y, x, "reason") else "") for x in xs] for y in ys]
+    hover = [[f"n={n} q={'–' if not np.isfinite(qv) else f'{qv:.3g}'}" + (f" ({why})" if why else "")
+              for n, qv, why in zip(*row)] for row in zip(grid("n"), q, grid("reason"))]
     fig = go.Figure(go.Heatmap(z=z, x=xs, y=ys, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
                                text=marks, texttemplate="%{text}", customdata=hover, colorbar=dict(title="r"),
                                hovertemplate="%{y}<br>%{x}<br>r=%{z:.3f} %{customdata}<extra></extra>"))
@@ -442,10 +442,10 @@ def selector_chart(similarity: pl.DataFrame | None, outcomes: pl.DataFrame | Non
                 for method in methods:
                     part = data.filter(pl.col("method") == method)
                     fig.add_trace(go.Scatter(
-                        x=_rounded([x_of[m] for m in part["model"]]), y=_rounded(part[measure].fill_null(np.nan)),
+                        x=_array([x_of[m] for m in part["model"]]), y=_array(part[measure].fill_null(np.nan)),
                         mode="markers", name=method, legendgroup=method, showlegend=(row, col) == (1, 1),
                         marker=dict(size=10, color=colors[method]), text=part["model"].to_list(),
-                        hovertemplate="%{text}: x=%{x:.4g}, y=%{y:.3f}<extra></extra>"), row=row, col=col)
+                        hovertemplate="%{text}: x=%{x:.6g}, y=%{y:.3f}<extra></extra>"), row=row, col=col)
             fig.update_yaxes(title_text=OUTCOME_MEASURES[measure], row=row, col=1)
         fig.update_xaxes(title_text=name, row=len(measures))
         figures[str(i)] = _layout(fig, 140 + 230 * len(measures))
@@ -498,18 +498,20 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
             grid = {}
             for r in part.iter_rows(named=True):
                 grid[(r["model_a"], r["model_b"])] = grid[(r["model_b"], r["model_a"])] = r["value"]
-            z = _rounded([[grid.get((a, b), np.nan) for b in models] for a in models])
+            z = _array([[grid.get((a, b), np.nan) for b in models] for a in models])
             zmin, zmax = ranges["layer" if scope["scope"] == "layer" else "whole"]
             fig.add_trace(go.Heatmap(z=z, x=models, y=models, visible=i == 0, colorscale="Viridis", zmin=zmin,
                                      zmax=zmax, colorbar=dict(title="value"),
-                                     hovertemplate="%{y} × %{x}: %{z:.4g}<extra></extra>"))
+                                     hovertemplate="%{y} × %{x}: %{z:.6g}<extra></extra>"))
             label = _scope_label(scope["scope"], scope["layer"], None)
             steps.append(dict(method="update", label=label.replace("layer ", "L"),
                               args=[{"visible": [j == i for j in range(scopes.height)]},
                                     {"title.text": f"{key['feature']} · {label}"}]))
-        sliders = [dict(active=0, steps=steps, currentvalue=dict(prefix="scope: "), pad=dict(t=40))] \
+        below = 20 + 4 * max(len(m) for m in models)  # room for the tilted model names under the heatmap
+        sliders = [dict(active=0, steps=steps, currentvalue=dict(prefix="scope: "), pad=dict(t=below))] \
             if len(steps) > 1 else []
-        _layout(fig, 200 + 30 * len(models), sliders=sliders, title=dict(text=steps[0]["args"][1]["title.text"], x=0),
+        _layout(fig, 260 + 30 * len(models) + below, sliders=sliders, margin=dict(l=60, r=20, t=50, b=below + 90),
+                title=dict(text=steps[0]["args"][1]["title.text"], x=0),
                 xaxis=dict(tickangle=35), yaxis=dict(autorange="reversed"))
         figures[str(len(labels))] = fig
         labels.append(f"{key['source']}: {key['feature']}" if key["source"] else key["feature"])
