@@ -63,6 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             _discard_if_nothing_made(run_dir)
         raise
     print(f"results in {run_dir}")
+    report = Path(run_dir) / "report" / "index.html"
+    if report.is_file():
+        print(f"report: {report}")
     return 0
 
 
@@ -78,6 +81,13 @@ def cmd_probes(args: argparse.Namespace) -> int:
     from probing.inspect import show_probes
 
     show_probes(args.run_dir, task=args.task, model=args.model)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.report import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     probes.add_argument("--task", default=None)
     probes.add_argument("--model", default=None)
     probes.set_defaults(handler=cmd_probes)
+    report = commands.add_parser("report", help="(re)write RUN_DIR/report/index.html from the run's tables")
+    report.add_argument("run_dir", type=Path)
+    report.set_defaults(handler=cmd_report)
     serve = commands.add_parser("serve", help="serve the merge-eval/qwen and merge-eval/smollm2 deployments")
     serve.set_defaults(handler=cmd_serve)
     return parser

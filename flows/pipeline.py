@@ -204,6 +204,14 @@ def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], run: R
                                                                  paired=paired), "kind", "behavior")
 
 
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(run: RunDir) -> Path:
+    """RUN_DIR/report/index.html from the tables (`merge-eval report RUN_DIR` rewrites it the same way)."""
+    from reports.report import write_report
+
+    return write_report(run.root)
+
+
 @flow(name="merge-eval")
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
@@ -229,4 +237,5 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
         functional_similarity_task(model_dirs, run, config)
     internals_outcomes_task(run, config)
     correlations_task(run, config)
+    report_task(run)
     return str(run.root)
