@@ -132,19 +132,21 @@ def model_task(name: str, folder: Path, run: RunDir,
 
 @task(name="probing", cache_policy=NO_CACHE)
 def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
-    """Layerwise probes for every model (parents and merges) from the capture store into probes.parquet; probe
-    results are cached beside the captures, so only new or changed models are probed again."""
+    """Layerwise probes for every model (parents and merges) from the capture store into probes.parquet, and
+    their per-item test predictions into probe_items.parquet; probe results are cached beside the captures, so
+    only new or changed models are probed again."""
     from probing.stage import load_tasks, probe_model
 
     logger = get_run_logger()
     spec = config.probing
     tasks = load_tasks(spec.data, spec.tasks, warn=logger.warning)
-    frames = []
+    results = []
     for i, (name, folder) in enumerate(model_dirs.items(), 1):
         logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))
-        frames.append(probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
-                                  spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
-    return write_table(run.tables, "probes", pl.concat(frames, how="diagonal_relaxed"))
+        results.append(probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
+                                   spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
+    write_table(run.tables, "probe_items", pl.concat([r.items for r in results]))
+    return write_table(run.tables, "probes", pl.concat([r.rows for r in results], how="diagonal_relaxed"))
 
 
 @task(name="functional-similarity", cache_policy=NO_CACHE)
@@ -161,12 +163,15 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
 
 @task(name="internals-outcomes", cache_policy=NO_CACHE)
 def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
-    """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds."""
+    """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds;
+    relations decided by paired tests on the probes' test items."""
     from evaluation.outcomes import compute_outcomes
+    from evaluation.paired import probe_paired_tests
     from probing.stage import internals_scores
 
-    rows = compute_outcomes(internals_scores(read_table(run.tables, "probes")), merge_lineages(config),
-                            kind="internals")
+    probes, lineages = read_table(run.tables, "probes"), merge_lineages(config)
+    paired = probe_paired_tests(read_table(run.tables, "probe_items"), probes, lineages, seed=config.seed)
+    rows = compute_outcomes(internals_scores(probes), lineages, kind="internals", paired=paired)
     return replace_rows(run.tables, "outcomes", rows, "kind", "internals")
 
 

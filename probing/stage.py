@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -28,9 +29,17 @@ from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_task
 from probing.hooks import layer_hooks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from probing.store import CaptureJob, CaptureStore, ModelRef
-from reports.tables import write_parquet
+from reports.tables import read_cached, write_parquet
 
-PROBE_VERSION = "1"
+PROBE_VERSION = "2"  # 2: per-item test predictions (probe_items) cached beside the rows
+
+
+class ProbeTables(NamedTuple):
+    """A probing result: `rows` for probes.parquet, `items` (per layer and test item: label, prediction) for
+    probe_items.parquet, which the paired merge-vs-parent tests resample."""
+
+    rows: pl.DataFrame
+    items: pl.DataFrame
 
 
 def load_tasks(data: str, names: list[str] | None = None,
@@ -50,9 +59,21 @@ def control_keys(task: ProbingTask) -> list[str]:
     return ["\x1f".join(e.text.lower() if isinstance(e, Span) else e for e in inputs) for inputs in task.inputs]
 
 
+def test_items(task: ProbingTask, split: Split, test_pred: np.ndarray) -> pl.DataFrame:
+    """The task probe's prediction for every (layer, test item), with the item's id and gold label."""
+    test = np.flatnonzero(split.test)
+    layers = test_pred.shape[0]
+    return pl.DataFrame({
+        "task": task.name, "layer": np.repeat(np.arange(layers), len(test)),
+        "item_id": np.tile(np.asarray(task.ids, dtype=object)[test], layers).astype(str),
+        "label": np.tile(task.labels[test].astype(np.float64), layers),
+        "prediction": np.asarray(test_pred, dtype=np.float64).reshape(-1)})
+
+
 def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], controls: bool,
-               mdl: bool) -> pl.DataFrame:
-    """Rows (layer, metric, seed, value, control_value, selectivity, stderr, ...) for one task's features."""
+               mdl: bool) -> ProbeTables:
+    """Rows (layer, metric, seed, value, control_value, selectivity, stderr, ...) for one task's features, and
+    the task probe's per-item test predictions."""
     split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
     x = standardise(features, split.train)
     keys = control_keys(task)
@@ -80,12 +101,13 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
                 "layer": layers, "metric": metric, "value": values, "control_value": ctrl,
                 "selectivity": values - ctrl, "stderr": stderr[metric], "seed": seed,
                 "chosen_c": scores.chosen_c}))
-    return pl.concat(frames).with_columns(
+    rows = pl.concat(frames).with_columns(
         pl.lit(task.name).alias("task"), pl.lit(task.phenomenon).alias("phenomenon"),
         pl.lit(task.probe_type).alias("probe_type"), pl.lit(int(split.train.sum())).alias("n_train"),
         pl.lit(int(split.test.sum())).alias("n_test"), pl.lit(x.shape[0]).alias("n_layers"),
         pl.col("control_value").fill_nan(None), pl.col("selectivity").fill_nan(None),
         pl.col("stderr").fill_nan(None))
+    return ProbeTables(rows, test_items(task, split, scores.test_pred))
 
 
 def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", max_length: int = 128,
@@ -97,24 +119,27 @@ def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", m
 
 def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, precision: str, seeds: list[int],
                 max_length: int = 128, pooling: str = "mean", controls: bool = True, mdl: bool = False,
-                log=print) -> pl.DataFrame:
-    """probes.parquet rows for one model from its stored captures; probe results are cached beside them by
-    capture keys + probe settings."""
-    frames = []
+                log=print) -> ProbeTables:
+    """probes.parquet and probe_items.parquet rows for one model from its stored captures; probe results are
+    cached beside them by capture keys + probe settings."""
+    frames, items = [], []
+    named = pl.lit(model.name).alias("model")
     for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
         keys = [job.key(request, model.digest, precision) for request in job.requests]
         settings = json.dumps([PROBE_VERSION, [key.digest for key in keys], seeds, controls, mdl])
-        probe_path = store.root.parent / "probes" / f"{hashlib.sha256(settings.encode()).hexdigest()[:24]}.parquet"
-        if probe_path.is_file():
-            frames.append(pl.read_parquet(probe_path).with_columns(pl.lit(model.name).alias("model")))
-            continue
-        pooled = torch.stack([store.load(key)["value"].float() for key in keys])
-        _, item_index = probe_inputs(task, pooling, max_length)
-        rows = probe_task(task_features(pooled, item_index), task, seeds, controls, mdl)
-        write_parquet(rows, probe_path)
-        frames.append(rows.with_columns(pl.lit(model.name).alias("model")))
-        log(f"{model.name}: probed {task.name} ({rows['layer'].n_unique()} layers)")
-    return pl.concat(frames, how="diagonal_relaxed")
+        stem = store.root.parent / "probes" / hashlib.sha256(settings.encode()).hexdigest()[:24]
+        rows_path, items_path = stem.with_suffix(".parquet"), stem.with_suffix(".items.parquet")
+        cached = ProbeTables(read_cached(rows_path, pl.read_parquet), read_cached(items_path, pl.read_parquet))
+        if cached.rows is None or cached.items is None:
+            pooled = torch.stack([store.load(key)["value"].float() for key in keys])
+            _, item_index = probe_inputs(task, pooling, max_length)
+            cached = probe_task(task_features(pooled, item_index), task, seeds, controls, mdl)
+            write_parquet(cached.items, items_path)
+            write_parquet(cached.rows, rows_path)
+            log(f"{model.name}: probed {task.name} ({cached.rows['layer'].n_unique()} layers)")
+        frames.append(cached.rows.with_columns(named))
+        items.append(cached.items.with_columns(named))
+    return ProbeTables(pl.concat(frames, how="diagonal_relaxed"), pl.concat(items))
 
 
 def headline_metric(probes: pl.DataFrame) -> pl.DataFrame:

@@ -64,7 +64,7 @@ def _probes(models: list[str]) -> pl.DataFrame:
             signal = np.asarray(task.labels, dtype=np.float32).reshape(n, 1)
             layers = [signal * (0.3 + 0.3 * layer + 0.1 * i) + rng.normal(size=(n, 6)).astype(np.float32)
                       for layer in range(LAYERS)]
-            rows = probe_task(torch.from_numpy(np.stack(layers)), task, seeds=[0], controls=True, mdl=False)
+            rows = probe_task(torch.from_numpy(np.stack(layers)), task, seeds=[0], controls=True, mdl=False).rows
             frames.append(rows.with_columns(pl.lit(model).alias("model")))
     return pl.concat(frames, how="diagonal_relaxed")
 

@@ -35,7 +35,7 @@ def tiny_probes(tiny_family, tmp_path_factory):
         capture_model(HookRunner(*load_model(tiny_family[name], LoadOptions())), model, jobs, store, "float32",
                       log=lambda _: None)
         assert store.missing(jobs, model.digest, "float32") == []
-        frames.append(probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None))
+        frames.append(probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None).rows)
     return pl.concat(frames, how="diagonal_relaxed"), store, tasks
 
 
@@ -63,7 +63,7 @@ def test_probing_reads_only_the_store(tiny_probes, tiny_family, tmp_path):
     model = model_ref("a", tiny_family["a"])
     for cached in (store.root.parent / "probes").glob("*.parquet"):
         cached.unlink()  # probe results recomputed from the stored captures alone
-    again = probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None)
+    again = probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None).rows
     first = probes.filter(pl.col("model") == "a").sort("task", "metric", "seed", "layer")
     assert again.sort("task", "metric", "seed", "layer").select(first.columns).equals(first)
     with pytest.raises(FileNotFoundError, match="the per-model capture step has not run"):
