@@ -13,7 +13,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from flows.validate import validate_config
 from reports.errors import UserError, describe, is_disk_full
 
 USAGE_ERROR = 2
@@ -34,6 +33,8 @@ def _offline_defaults() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from flows.validate import validate_config
+
     config, _ = validate_config(args.config, args.run_dir)
     print(f"{args.config}: ok ({len(config.models)} models, {len(config.merge_names)} merges)")
     return 0
@@ -50,6 +51,8 @@ class _UserErrorsWithoutTraceback(logging.Filter):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.validate import validate_config
+
     config, run_dir = validate_config(args.config, args.run_dir)  # fail fast, before Prefect starts its server
     from flows.pipeline import merge_eval
 
