@@ -17,10 +17,11 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from safetensors import safe_open
 
 from probing.capture import HookRequest, InputSet, run_capture
 from probing.hooks import HookRunner
-from reports.tables import atomic_path
+from reports.tables import atomic_path, read_cached
 
 CAPTURE_VERSION = "2"  # 2: hook requests + reducers, float32/bfloat16 storage (1 stored pooled layers in fp16)
 
@@ -74,6 +75,11 @@ class CaptureJob:
                           self.inputs.max_length)
 
 
+def _check_header(path: Path) -> bool:
+    with safe_open(path, framework="pt"):
+        return True
+
+
 class CaptureStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -82,7 +88,9 @@ class CaptureStore:
         return self.root / key.digest[:2] / f"{key.digest}.safetensors"
 
     def has(self, key: CaptureKey) -> bool:
-        return self.path(key).is_file()
+        """Whether a whole entry is stored: opening reads only the header, which safetensors checks against the
+        file's length, so an entry cut short (full disk, killed copy) is removed and counts as missing."""
+        return read_cached(self.path(key), _check_header) is not None
 
     def load(self, key: CaptureKey) -> dict[str, torch.Tensor]:
         path = self.path(key)

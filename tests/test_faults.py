@@ -535,3 +535,18 @@ def test_every_stage_error_is_a_user_error():
     for error in (ConfigError, CheckpointError, FamilyError, MergeError, PreflightError, HolmesError, CaptureError,
                   ProbesError, SuiteError, TableError, NoSpaceError):
         assert issubclass(error, UserError), error
+
+
+def test_capture_store_entry_cut_short_counts_as_missing(tmp_path, caplog):
+    """The per-model step asks the store what is missing before deciding to load a model: an entry cut short must
+    be missing (and removed), or probing would later fail on it."""
+    from probing.store import CaptureKey, CaptureStore
+
+    store = CaptureStore(tmp_path / "captures")
+    key = CaptureKey("m" * 64, "i" * 64, "blocks.0.hook_resid_post", "pool", "float32", 128)
+    store.save(key, {"value": torch.randn(8, 16)}, {"model": "m"})
+    assert store.has(key)
+    _cut(store.path(key))
+    with caplog.at_level(logging.WARNING, logger="merge_eval.cache"):
+        assert not store.has(key)
+    assert f"cache entry {store.path(key)} is unreadable" in caplog.text and not store.path(key).exists()
