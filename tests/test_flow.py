@@ -99,6 +99,16 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tin
     assert functional.filter(pl.col("scope") == "global").group_by("model_a", "model_b", "feature").len()[
         "len"].unique().to_list() == [5]
 
+    # per-item tables feed the paired merge-vs-parent tests; correlations and the report close the run
+    items = {name: pl.read_parquet(run.tables / f"{name}.parquet") for name in ["behavior_items", "probe_items"]}
+    assert set(items["behavior_items"]["model"]) == models == set(items["probe_items"]["model"])
+    probe_items = items["probe_items"].filter((pl.col("model") == "a") & (pl.col("task") == "noun_number"))
+    assert probe_items.height == 4 * 40  # every layer x every noun_number test item
+    assert set(tables["outcomes"]["relation_test"].drop_nulls()) == {"paired_bootstrap"}
+    correlations = pl.read_parquet(run.tables / "correlations.parquet")
+    assert {"competence~behavior", "selector~outcome"} <= {f.split("|")[0] for f in correlations["family"]}
+    assert (run.root / "report" / "index.html").is_file()
+
     load_counter.clear()
     merge_eval(config_path=str(tiny_config), run_dir=str(run.root))
     assert not load_counter, "a resumed run loads no model"
