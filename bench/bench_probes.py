@@ -147,6 +147,17 @@ def machine() -> str:
             f"{torch.__version__}, scikit-learn {sklearn.__version__}; 1 thread for every method")
 
 
+def markdown(rows: list[dict], summary: dict) -> str:
+    """The table for docs/PERFORMANCE.md."""
+    lines = ["| task | classes | ours (s) | scikit-learn loop (s) | ratio | Holmes-style (s) | ratio | "
+             "max abs diff vs sklearn (points) | mean ours / Holmes |", "|" + "---|" * 9]
+    for r in rows + [dict(summary, task="**all**", classes="", mean_ours=float("nan"), mean_holmes=float("nan"))]:
+        lines.append(f"| {r['task']} | {r['classes']} | {r['ours_s']:.2f} | {r['sklearn_s']:.2f} | "
+                     f"{r['sklearn_ratio']:.1f}x | {r['holmes_s']:.2f} | {r['holmes_ratio']:.1f}x | "
+                     f"{r['max_diff_vs_sklearn'] * 100:.2f} | {r['mean_ours']:.3f} / {r['mean_holmes']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="*", default=None, help="bundled task names (default: all)")
@@ -199,6 +210,7 @@ def main() -> None:
     with atomic_path(args.out) as temp:
         Path(temp).write_text(json.dumps({"summary": summary, "tasks": rows}, indent=1))
     print(json.dumps(summary, indent=1))
+    print(markdown(rows, summary))
     print(f"wrote {args.out}")
 
 
