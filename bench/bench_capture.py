@@ -3,10 +3,11 @@
 1. cost: one capture pass of every similarity request (31 layers' token states in bf16, 30 blocks' attention
    patterns, top-k next-token log-probs) over the unlabeled set vs a plain HF forward pass of the same token
    windows (default SDPA attention, logits computed, nothing kept): time ratio, peak RSS growth, stored bytes.
-2. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax, base vs a child,
-   per token: mean absolute and relative error of the mean KL, for several k.
+2. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax (torch.distributions)
+   for the ordered pairs (base‖instruct, instruct‖math, math‖base): per-token error and relative error of the
+   mean KL, for several k.
 
-    python bench/bench_capture.py [--tokens 2048] [--window 128] [--child instruct] [--parts cost kl]
+    python bench/bench_capture.py [--tokens 2048] [--window 128] [--parts cost kl] [--top-k 64 256 1024]
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--child", default="instruct")
+    parser.add_argument("--models", nargs="+", default=["base", "instruct", "math"])
     parser.add_argument("--top-k", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--parts", nargs="+", choices=["cost", "kl"], default=["cost", "kl"])
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    family = build_family(("base", args.child))
+    family = build_family(tuple(dict.fromkeys(["base", *args.models])))
     windows = TokenWindows(args.tokens, args.window)
     if "cost" in args.parts:
         capture_cost(family["base"], windows, args.batch_size)
@@ -81,7 +82,7 @@ def capture_cost(folder: Path, windows: TokenWindows, batch_size: int) -> None:
 
     model = model_ref("base", folder)
     runner = HookRunner(*load_model(folder, LoadOptions()))
-    jobs = functional_jobs(windows, model.n_blocks, top_k=256, batch_size=batch_size)
+    jobs = functional_jobs(windows, model.n_blocks, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as scratch:
         store = CaptureStore(Path(scratch))
         _, capture_s, capture_mb = timed(lambda: capture_model(runner, model, jobs, store, "float32", log=print))
@@ -98,19 +99,22 @@ def kl_error(family: dict[str, Path], windows: TokenWindows, args) -> None:
 
     ids = windows.token_ids(AutoTokenizer.from_pretrained(family["base"]))
     n = ids.numel()
-    logits = {name: full_logits(family[name], ids, args.batch_size) for name in ("base", args.child)}
+    logits = {name: full_logits(family[name], ids, args.batch_size) for name in args.models}
     vocab = logits["base"].shape[-1]
-    exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits["base"]),
-                                              torch.distributions.Categorical(logits=logits[args.child]))
-    exact = exact.reshape(-1).double()
     batch = Batch(ids, torch.ones_like(ids), torch.arange(len(ids))[:, None])
-    print(f"KL(base ‖ {args.child}) exact mean {exact.mean():.5f} nats over {n} tokens (vocab {vocab})")
-    for k in args.top_k:
-        reduced = {name: {t: v[:, 0] for t, v in TopK(k)(value, batch).items()} for name, value in logits.items()}
-        approx = topk_kl(reduced["base"], reduced[args.child], vocab)
-        error = (approx - exact).abs()
-        print(f"  top-{k:<5} mean {approx.mean():.5f}  |error| per token mean {error.mean():.2e} "
-              f"max {error.max():.2e}  relative error of the mean {abs(approx.mean() - exact.mean()) / exact.mean():.2%}")
+    reduced = {k: {name: {t: v[:, 0] for t, v in TopK(k)(value, batch).items()} for name, value in logits.items()}
+               for k in args.top_k}
+    for a, b in zip(args.models, args.models[1:] + args.models[:1]):
+        exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits[a]),
+                                                  torch.distributions.Categorical(logits=logits[b]))
+        exact = exact.reshape(-1).double()
+        print(f"KL({a} ‖ {b}) exact mean {exact.mean():.4f} nats over {n} tokens (vocab {vocab})")
+        for k in args.top_k:
+            approx = topk_kl(reduced[k][a], reduced[k][b], vocab)
+            error = (approx - exact).abs()
+            print(f"  top-{k:<5} mean {approx.mean():.4f}  relative error of the mean "
+                  f"{(approx.mean() - exact.mean()) / exact.mean():+.2%}  |error| per token mean {error.mean():.2e} "
+                  f"max {error.max():.2e}")
 
 
 if __name__ == "__main__":

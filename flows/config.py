@@ -115,7 +115,7 @@ class SimilaritySpec(Strict):
     functional: bool = True
     tokens: Annotated[int, Field(ge=16)] = 10_000
     window: Annotated[int, Field(ge=8)] = 128
-    top_k: Annotated[int, Field(ge=1)] = 256
+    top_k: Annotated[int, Field(ge=1)] = 1024
 
     @model_validator(mode="after")
     def _whole_window(self) -> SimilaritySpec:

@@ -24,7 +24,7 @@ from probing.similarity.registry import conform, summary_rows
 from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureJob, CaptureStore, ModelRef
 
-TOP_K = 256
+TOP_K = 1024
 LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite
 
 
@@ -61,29 +61,24 @@ def pattern_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1)
 
 
-def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: int,
-            chunk: int = 1024) -> torch.Tensor:
-    """Per-token KL(p_a ‖ p_b) in nats from two TopK captures (flattened to [n, k]); see the module docstring."""
-    logp_a, idx_a, rest_a = (a[k].reshape(-1, a[k].shape[-1]) if a[k].dim() > 2 else a[k].reshape(-1)
-                             for k in ("logprobs", "indices", "log_rest"))
-    logp_b, idx_b, rest_b = (b[k].reshape(-1, b[k].shape[-1]) if b[k].dim() > 2 else b[k].reshape(-1)
-                             for k in ("logprobs", "indices", "log_rest"))
+def _tokens_first(top: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A TopK capture as ([n, k] log-probs, [n, k] ids, [n] log rest) over all n tokens."""
+    return top["logprobs"].flatten(0, -2).double(), top["indices"].flatten(0, -2), top["log_rest"].flatten().double()
+
+
+def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """Per-token KL(p_a ‖ p_b) in nats from two TopK captures; see the module docstring. b's log-prob of each of
+    a's top tokens is looked up by binary search in b's sorted token ids: O(n·k log k) time, O(n·k) memory."""
+    (logp_a, idx_a, rest_a), (logp_b, idx_b, rest_b) = _tokens_first(a), _tokens_first(b)
+    sorted_b, order = idx_b.sort(dim=-1)
+    position = torch.searchsorted(sorted_b, idx_a).clamp(max=sorted_b.shape[-1] - 1)
+    found = sorted_b.gather(-1, position) == idx_a
     outside = max(vocab_size - idx_b.shape[-1], 1)
-    out = []
-    for s in range(0, len(logp_a), chunk):
-        la, ia, ra = logp_a[s:s + chunk].double(), idx_a[s:s + chunk], rest_a[s:s + chunk].double()
-        lb, ib, rb = logp_b[s:s + chunk].double(), idx_b[s:s + chunk], rest_b[s:s + chunk].double()
-        match = ia[:, :, None] == ib[:, None, :]  # [n, k_a, k_b]
-        found = match.any(-1)
-        known = torch.where(match, lb[:, None, :], torch.zeros((), dtype=lb.dtype)).sum(-1)
-        log_q = torch.where(found, known, (rb - np.log(outside))[:, None]).clamp(min=LOG_FLOOR)
-        p_a = la.exp()
-        q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
-        r_a = ra.exp()
-        head = (p_a * (la - log_q)).sum(-1)
-        tail = torch.xlogy(r_a, r_a) - torch.xlogy(r_a, q_rest)
-        out.append(head + tail)
-    return torch.cat(out)
+    log_q = torch.where(found, logp_b.gather(-1, order.gather(-1, position)),
+                        (rest_b - np.log(outside))[:, None]).clamp(min=LOG_FLOOR)
+    q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
+    r_a = rest_a.exp()
+    return (logp_a.exp() * (logp_a - log_q)).sum(-1) + torch.xlogy(r_a, r_a) - torch.xlogy(r_a, q_rest)
 
 
 def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: ModelRef, precision: str):
