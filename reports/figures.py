@@ -21,11 +21,10 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from probing.inspect import curves
+from reports.findings import KIND_LABELS, SIGNIFICANT
 
 RELATION_COLORS = {"better": "#2ca02c", "between": "#b0b0b0", "worse": "#d62728", "undecided": "#f2d8a7"}
-KIND_LABELS = {"behavior": "behaviour", "internals": "internals"}
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
-SIGNIFICANT = 0.05
 HEATMAP_ROWS = 60  # beyond this a heatmap is unreadable on a laptop: keep the rows with the strongest |r|
 # One model's norm carried on a pair row: not a similarity between the two models.
 NOT_PAIRWISE = ("param_norm_a", "param_norm_b")
@@ -457,12 +456,8 @@ def selector_chart(similarity: pl.DataFrame | None, outcomes: pl.DataFrame | Non
 
 # ------------------------------------------------------------------------------------------- similarity
 
-def _scope_label(scope: str | None, layer, module) -> str:
-    if scope == "layer":
-        return f"layer {layer}"
-    if scope == "module":
-        return f"{module}"
-    return "whole model"
+def _scope_label(scope: str | None, layer: int | None) -> str:
+    return f"layer {layer}" if scope == "layer" else "whole model"
 
 
 def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart | None:
@@ -494,7 +489,8 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
                   for kind, part in (("layer", subset.filter(is_layer)), ("whole", subset.filter(~is_layer)))
                   if not part.is_empty()}
         for i, scope in enumerate(scopes.iter_rows(named=True)):
-            part = subset.filter(pl.col("scope").eq_missing(scope["scope"]) & pl.col("layer").eq_missing(scope["layer"]))
+            part = subset.filter(pl.col("scope").eq_missing(scope["scope"])
+                                 & pl.col("layer").eq_missing(scope["layer"]))
             grid = {}
             for r in part.iter_rows(named=True):
                 grid[(r["model_a"], r["model_b"])] = grid[(r["model_b"], r["model_a"])] = r["value"]
@@ -503,7 +499,7 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
             fig.add_trace(go.Heatmap(z=z, x=models, y=models, visible=i == 0, colorscale="Viridis", zmin=zmin,
                                      zmax=zmax, colorbar=dict(title="value"),
                                      hovertemplate="%{y} × %{x}: %{z:.6g}<extra></extra>"))
-            label = _scope_label(scope["scope"], scope["layer"], None)
+            label = _scope_label(scope["scope"], scope["layer"])
             steps.append(dict(method="update", label=label.replace("layer ", "L"),
                               args=[{"visible": [j == i for j in range(scopes.height)]},
                                     {"title.text": f"{key['feature']} · {label}"}]))
