@@ -21,12 +21,12 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from probing.inspect import curves
+from reports.findings import KIND_LABELS, SIGNIFICANT
 
 RELATION_COLORS = {"better": "#2ca02c", "between": "#b0b0b0", "worse": "#d62728", "undecided": "#f2d8a7"}
-KIND_LABELS = {"behavior": "behaviour", "internals": "internals"}
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
-SIGNIFICANT = 0.05
 HEATMAP_ROWS = 60  # beyond this a heatmap is unreadable on a laptop: keep the rows with the strongest |r|
+HEATMAP_COLUMNS = 40  # the same for columns (a 1280 px wide page)
 # One model's norm carried on a pair row: not a similarity between the two models.
 NOT_PAIRWISE = ("param_norm_a", "param_norm_b")
 
@@ -323,13 +323,22 @@ def _significance(q: np.ndarray) -> list[str]:
     return ["**" if v < 0.01 else "*" if v < SIGNIFICANT else "" for v in np.nan_to_num(q, nan=1.0)]
 
 
-def _heatmap(rows: pl.DataFrame, x_col: str, y_col: str, x_title: str, y_title: str) -> tuple[go.Figure, int]:
-    """r as colour in [-1, 1], '*' for q < 0.05 and '**' for q < 0.01; only the HEATMAP_ROWS strongest rows."""
-    strength = rows.group_by(y_col).agg(pl.col("r").abs().max().alias("s")).sort("s", descending=True,
+def _strongest(rows: pl.DataFrame, column: str, limit: int) -> tuple[pl.DataFrame, int]:
+    """Rows of the `limit` values of `column` with the largest max |r|, and how many values were left out."""
+    strength = rows.group_by(column).agg(pl.col("r").abs().max().alias("s")).sort("s", descending=True,
                                                                                   nulls_last=True)
-    dropped = max(0, strength.height - HEATMAP_ROWS)
-    keep = strength.head(HEATMAP_ROWS)[y_col]
-    rows = rows.filter(pl.col(y_col).is_in(keep.implode()))
+    keep = strength.head(limit)[column]
+    return rows.filter(pl.col(column).is_in(keep.implode())), max(0, strength.height - limit)
+
+
+def _heatmap(rows: pl.DataFrame, x_col: str, y_col: str, x_title: str, y_title: str,
+             cap_columns: bool = True) -> tuple[go.Figure, int]:
+    """r as colour in [-1, 1], '*' for q < 0.05 and '**' for q < 0.01; only the strongest rows (and columns),
+    returning how many were left out."""
+    rows, dropped = _strongest(rows, y_col, HEATMAP_ROWS)
+    if cap_columns:
+        rows, dropped_columns = _strongest(rows, x_col, HEATMAP_COLUMNS)
+        dropped += dropped_columns
     ys = sorted(rows[y_col].unique())
     xs = sorted(rows[x_col].unique())
     cells = {(r[y_col], r[x_col]): r for r in rows.iter_rows(named=True)}
@@ -358,7 +367,7 @@ def correlation_chart(correlations: pl.DataFrame | None) -> Chart | None:
         figures[str(len(labels))] = fig
         labels.append(family)
         if dropped:
-            notes.append(f"{family}: {dropped} weaker x rows not drawn")
+            notes.append(f"{family}: {dropped} weaker rows or columns not drawn")
     if not figures:
         return None
     return Chart("correlations", "Correlations", figures, [Choice("family of tests", _options(labels))],
@@ -378,7 +387,7 @@ def layer_correlation_chart(correlations: pl.DataFrame | None) -> Chart | None:
     figures, labels = {}, []
     for family in sorted(frame["family"].unique()):
         rows = frame.filter(pl.col("family") == family)
-        fig, _ = _heatmap(rows, "layer", "pair", "layer", "x ~ y")
+        fig, _ = _heatmap(rows, "layer", "pair", "layer", "x ~ y", cap_columns=False)
         fig.update_xaxes(tick0=0, dtick=max(1, -(-rows["layer"].n_unique() // 16)))
         figures[str(len(labels))] = fig
         labels.append(family)
@@ -457,12 +466,8 @@ def selector_chart(similarity: pl.DataFrame | None, outcomes: pl.DataFrame | Non
 
 # ------------------------------------------------------------------------------------------- similarity
 
-def _scope_label(scope: str | None, layer, module) -> str:
-    if scope == "layer":
-        return f"layer {layer}"
-    if scope == "module":
-        return f"{module}"
-    return "whole model"
+def _scope_label(scope: str | None, layer: int | None) -> str:
+    return f"layer {layer}" if scope == "layer" else "whole model"
 
 
 def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart | None:
@@ -494,7 +499,8 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
                   for kind, part in (("layer", subset.filter(is_layer)), ("whole", subset.filter(~is_layer)))
                   if not part.is_empty()}
         for i, scope in enumerate(scopes.iter_rows(named=True)):
-            part = subset.filter(pl.col("scope").eq_missing(scope["scope"]) & pl.col("layer").eq_missing(scope["layer"]))
+            part = subset.filter(pl.col("scope").eq_missing(scope["scope"])
+                                 & pl.col("layer").eq_missing(scope["layer"]))
             grid = {}
             for r in part.iter_rows(named=True):
                 grid[(r["model_a"], r["model_b"])] = grid[(r["model_b"], r["model_a"])] = r["value"]
@@ -503,7 +509,7 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
             fig.add_trace(go.Heatmap(z=z, x=models, y=models, visible=i == 0, colorscale="Viridis", zmin=zmin,
                                      zmax=zmax, colorbar=dict(title="value"),
                                      hovertemplate="%{y} × %{x}: %{z:.6g}<extra></extra>"))
-            label = _scope_label(scope["scope"], scope["layer"], None)
+            label = _scope_label(scope["scope"], scope["layer"])
             steps.append(dict(method="update", label=label.replace("layer ", "L"),
                               args=[{"visible": [j == i for j in range(scopes.height)]},
                                     {"title.text": f"{key['feature']} · {label}"}]))

@@ -159,3 +159,17 @@ def test_a_failed_render_leaves_the_previous_report(run_copy, monkeypatch):
 def test_report_error_names_the_run_dir(tmp_path):
     with pytest.raises(ReportError, match=str(tmp_path)):
         write_report(tmp_path)
+
+
+def test_run_ends_by_printing_the_report_path(run_copy, tiny_family, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import flows.pipeline
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "base": "base",
+                                      "models": [{"name": n, "source": str(p)} for n, p in tiny_family.items()]}))
+    report = write_report(run_copy)
+    monkeypatch.setattr(flows.pipeline, "merge_eval", lambda config_path, run_dir: str(run_copy))
+    assert main(["run", str(config), "--run-dir", str(run_copy)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: {report}"
