@@ -39,13 +39,26 @@ def _kinds(frame: pl.DataFrame) -> list[str]:
     return [k for k in KIND_LABELS if k in present] + sorted(present - set(KIND_LABELS))
 
 
+def _parent_resolved(side: str) -> pl.Expr:
+    """A merge-vs-one-parent paired test whose 95% CI of the difference excludes 0."""
+    low, high = pl.col(f"diff_{side}_low"), pl.col(f"diff_{side}_high")
+    return ((low > 0) | (high < 0)).fill_null(False)
+
+
 def resolved_comparisons(outcomes: pl.DataFrame) -> list[dict]:
-    """Per kind: task comparisons in total, resolved (better or worse than both parents), between, undecided."""
+    """Per kind: task comparisons in total, resolved (better or worse than both parents), between, undecided;
+    and, where paired tests ran, the merge-vs-one-parent tests and how many of them resolve a difference."""
     rows = _task_rows(outcomes)
+    paired = "diff_expert_low" in rows.columns
+    tests = [(pl.col("relation_test") == "paired_bootstrap").sum().mul(2).alias("parent_tests"),
+             (_parent_resolved("expert") & (pl.col("relation_test") == "paired_bootstrap")).sum().add(
+                 (_parent_resolved("aux") & (pl.col("relation_test") == "paired_bootstrap")).sum())
+             .alias("parent_resolved")] if paired and "relation_test" in rows.columns else []
     counts = rows.group_by("kind").agg(
         pl.len().alias("total"), pl.col("relation").is_in(["better", "worse"]).sum().alias("resolved"),
         (pl.col("relation") == "better").sum().alias("better"), (pl.col("relation") == "worse").sum().alias("worse"),
-        (pl.col("relation") == "between").sum().alias("between"), pl.col("relation").is_null().sum().alias("undecided"))
+        (pl.col("relation") == "between").sum().alias("between"), pl.col("relation").is_null().sum().alias("undecided"),
+        *tests)
     order = {k: i for i, k in enumerate(_kinds(counts))}
     return sorted(counts.to_dicts(), key=lambda r: order[r["kind"]])
 
