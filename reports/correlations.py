@@ -107,10 +107,13 @@ def outcome_variables(outcomes: pl.DataFrame) -> pl.DataFrame:
 
 
 def _feature_rows(similarity: pl.DataFrame) -> pl.DataFrame:
-    """Global and per-layer similarity rows with their view, named `source:feature` when sources are recorded."""
+    """Global and per-layer similarity rows with their view, named `source:feature` when sources are recorded,
+    plus `:stat` for summary rows (functional features summarised over layers/tokens: mean, median, q25...)."""
     scope = pl.col("scope") if "scope" in similarity.columns else pl.when(pl.col("layer").is_null()).then(
         pl.lit("global")).otherwise(pl.lit("layer"))
     name = pl.concat_str("source", "feature", separator=":") if "source" in similarity.columns else pl.col("feature")
+    if "stat" in similarity.columns:
+        name = pl.when(pl.col("stat").is_null()).then(name).otherwise(pl.concat_str(name, "stat", separator=":"))
     return similarity.with_columns(scope.alias("scope"), name.alias("x")).filter(
         pl.col("scope").is_in(["global", "layer"])).select(
         "model_a", "model_b", "x", pl.when(pl.col("scope") == "layer").then(pl.lit("per_layer")).alias("view"),
@@ -134,11 +137,16 @@ def selector_variables(similarity: pl.DataFrame, outcomes: pl.DataFrame) -> pl.D
 
 
 def _pairs(merges: pl.DataFrame, features: pl.DataFrame, first: str, second: str, kind: str) -> pl.DataFrame:
-    """Features of the model pair (merges[first], merges[second]) in either stored order, keyed by the merge."""
-    found = [merges.join(features, left_on=[a, b], right_on=["model_a", "model_b"])
-             for a, b in ((first, second), (second, first))]
-    return pl.concat(found).select(pl.col("model").alias("unit"), "x", "view", "layer", "value",
-                                   pl.lit(kind).alias("x_kind"))
+    """Features of the model pair (merges[first], merges[second]) in either stored order, keyed by the merge.
+    Ordered features (KL) are stored in both orders: the (second, first) direction is named `x:reverse`."""
+    forward, backward = (merges.join(features, left_on=[a, b], right_on=["model_a", "model_b"])
+                         for a, b in ((first, second), (second, first)))
+    keys = ["model", "x", "view", "layer"]
+    ordered = backward.join(forward.select(keys), on=keys, how="semi", nulls_equal=True)
+    backward = pl.concat([backward.join(ordered.select(keys), on=keys, how="anti", nulls_equal=True),
+                          ordered.with_columns(pl.concat_str("x", pl.lit("reverse"), separator=":"))])
+    return pl.concat([forward, backward]).select(pl.col("model").alias("unit"), "x", "view", "layer", "value",
+                                                 pl.lit(kind).alias("x_kind"))
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

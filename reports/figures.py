@@ -398,9 +398,21 @@ def layer_correlation_chart(correlations: pl.DataFrame | None) -> Chart | None:
 
 # ------------------------------------------------------------------------------------- selector features
 
+def shown_similarity(similarity: pl.DataFrame) -> pl.DataFrame:
+    """The similarity rows a chart shows: of the functional summaries over layers/tokens only the mean, and
+    per-head rows as their layer's (charts average the heads)."""
+    if "stat" in similarity.columns:
+        similarity = similarity.filter(pl.col("stat").is_null() | (pl.col("stat") == "mean"))
+    if "scope" in similarity.columns:
+        similarity = similarity.with_columns(
+            pl.when(pl.col("scope") == "head").then(pl.lit("layer")).otherwise(pl.col("scope")).alias("scope"))
+    return similarity
+
+
 def selector_features(similarity: pl.DataFrame, merges: pl.DataFrame) -> pl.DataFrame:
     """Per merge: its global-scope features as `relation: source feature` (parent pair, parent group, merge vs
     parents' mean) — the candidate pre-merge / post-merge signals."""
+    similarity = shown_similarity(similarity)
     glob = similarity.filter(pl.col("scope") == "global") if "scope" in similarity.columns else similarity
     source = pl.col("source") + pl.lit(" ") if "source" in glob.columns else pl.lit("")
     glob = glob.with_columns(pl.concat_str(source, pl.col("feature")).alias("name"))
@@ -474,8 +486,8 @@ def similarity_chart(similarity: pl.DataFrame | None, order: list[str]) -> Chart
     """Model × model heatmaps per feature (weights and functional), a slider over the whole model and each layer."""
     if similarity is None or similarity.is_empty():
         return None
-    rows = similarity.filter(pl.col("model_b").is_not_null() & ~pl.col("feature").is_in(NOT_PAIRWISE)
-                             & pl.col("value").is_finite())
+    rows = shown_similarity(similarity).filter(pl.col("model_b").is_not_null()
+                                               & ~pl.col("feature").is_in(NOT_PAIRWISE) & pl.col("value").is_finite())
     for column in ("source", "scope", "module"):
         if column not in rows.columns:
             rows = rows.with_columns(pl.lit(None, pl.String).alias(column))

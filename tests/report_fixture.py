@@ -2,7 +2,7 @@
 
 behaviour rows come from `evaluation.behavior.tidy` over lm-eval-shaped results, probes from
 `probing.stage.probe_task` over synthetic layer features (signal growing with depth), similarity from
-`merging.weight_features.weight_features` over the tiny family and two merges averaged by hand, outcomes from
+`probing.similarity.weights.weight_features` over the tiny family and two merges averaged by hand, outcomes from
 `evaluation.outcomes.compute_outcomes`, correlations computed by scipy in the contract's shape. One merge is
 named like an XSS payload, so every chart and table carries it.
 """
@@ -116,7 +116,7 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
     from evaluation.behavior import outcome_scores, tidy
     from evaluation.outcomes import compute_outcomes
     from merging.merge import MergeLineage
-    from merging.weight_features import weight_features
+    from probing.similarity.weights import weight_features
     from probing.stage import internals_scores
     from reports.tables import write_table
 

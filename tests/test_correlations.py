@@ -291,3 +291,23 @@ def test_missing_tables_skip_their_analysis_and_the_stage_writes_the_table(table
     correlate_run(tmp_path, resamples=50)
     written = read_table(tmp_path, "correlations")
     assert written.height > 0 and set(written["x_kind"]) == {"competence"}
+
+
+def test_functional_summaries_and_ordered_pairs_stay_distinct_variables():
+    """Functional features carry a `stat` (mean, median...) and KL is stored for both orders of a pair: each
+    summary and each direction must be its own x, never averaged into another."""
+    from reports.correlations import selector_variables
+
+    similarity = pl.DataFrame({
+        "model_a": ["m", "a", "m", "a", "m"], "model_b": ["a", "m", "b", "b", "a"],
+        "feature": ["kl", "kl", "kl", "cosine", "cka"], "scope": ["global"] * 5, "layer": [None] * 5,
+        "value": [0.1, 0.2, 0.3, 0.9, 0.5], "source": ["functional"] * 3 + ["weights", "functional"],
+        "stat": ["mean", "mean", "mean", None, "median"]}, schema_overrides={"layer": pl.Int64})
+    outcomes = pl.DataFrame({"model": ["m"], "parent_a": ["a"], "parent_b": ["b"]})
+    found = {(r["x"], r["x_kind"]): r["value"]
+             for r in selector_variables(similarity, outcomes).iter_rows(named=True)}
+    assert found == {("weights:cosine", "parent_pair"): 0.9, ("functional:kl:mean", "merge_parent_a"): 0.1,
+                     ("functional:kl:mean:reverse", "merge_parent_a"): 0.2,
+                     ("functional:cka:median", "merge_parent_a"): 0.5,
+                     ("functional:kl:mean", "merge_parent_b"): 0.3,
+                     ("functional:kl:mean", "merge_parents_mean"): pytest.approx(0.2)}
