@@ -58,31 +58,36 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, classes: in
     mean = x64.mean(1, keepdim=True)
     centred = x64 - mean
     q = _logit_basis(classes)
-    omega = _kernel_penalty(centred @ centred.transpose(1, 2))
+    omega, pinv = _kernel_penalty(centred @ centred.transpose(1, 2))
     f = _newton(omega, y, (l2 * x.shape[1]).double(), q, max_iter, tol)  # [L, G, n, C-1]
-    weight = torch.einsum("lnd,lgnk,kc->lgdc", centred, omega[:, None] @ f, q)  # W = x_cᵀ α, α = K⁺ f
+    weight = torch.einsum("lnd,lgnk,kc->lgdc", centred, pinv[:, None] @ f, q)  # W = x_cᵀ α, α = K⁺ f
     bias = f.mean(2) @ q - torch.einsum("ld,lgdc->lgc", mean[:, 0], weight)
     return weight.float(), bias.float()
 
 
-def _kernel_penalty(gram: torch.Tensor) -> torch.Tensor:
+def _kernel_penalty(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ω = K⁺ for centred kernels K [L, n, n] (the constant vector in their null space): one Cholesky,
     K⁺ = (K + J)⁻¹ - J with J = 11ᵀ/n, where x spans n - 1 directions (always, for d >= n and distinct items).
     Where it spans fewer, logits outside span(K) + constant are impossible: K⁺ from the eigendecomposition plus a
-    stiff penalty (1e8 x the largest in K⁺) on those directions."""
+    stiff penalty (1e10 / K's mean eigenvalue) on those directions. Returns (Ω, K⁺): K⁺ alone maps logits to W."""
     n = gram.shape[-1]
     ones = torch.full((n, n), 1.0 / n, dtype=gram.dtype)
     chol, info = torch.linalg.cholesky_ex(gram + ones)
     pivots = chol.diagonal(dim1=1, dim2=2) ** 2
     full = (info == 0) & (pivots.amin(-1) > 1e-10 * gram.diagonal(dim1=1, dim2=2).mean(-1))
     omega = torch.cholesky_inverse(torch.where(full[:, None, None], chol, torch.eye(n, dtype=gram.dtype))) - ones
-    if not full.all():
-        eig, u = torch.linalg.eigh(gram[~full])
-        keep = eig > eig[:, -1:] * 1e-10
-        inv = torch.where(keep, 1 / eig.clamp_min(1e-300), torch.zeros_like(eig))
-        outside = (u * ~keep[:, None]) @ u.transpose(1, 2) - ones  # projector on the impossible directions
-        omega[~full] = (u * inv[:, None]) @ u.transpose(1, 2) + 1e8 * inv.amax(-1)[:, None, None] * outside
-    return (omega + omega.transpose(1, 2)) / 2
+    omega = (omega + omega.transpose(1, 2)) / 2
+    if full.all():
+        return omega, omega
+    pinv = omega.clone()
+    eig, u = torch.linalg.eigh(gram[~full])
+    keep = eig > eig[:, -1:] * 1e-10
+    inv = torch.where(keep, 1 / eig.clamp_min(1e-300), torch.zeros_like(eig))
+    outside = (u * ~keep[:, None]) @ u.transpose(1, 2) - ones  # projector on the impossible directions
+    pinv[~full] = (u * inv[:, None]) @ u.transpose(1, 2)
+    stiff = 1e10 / gram[~full].diagonal(dim1=1, dim2=2).mean(-1)  # 1e10 / the mean eigenvalue of K
+    omega[~full] = pinv[~full] + stiff[:, None, None] * outside
+    return omega, pinv
 
 
 def _logit_basis(classes: int) -> torch.Tensor:

@@ -95,6 +95,26 @@ def test_fit_reaches_sklearns_optimum_for_every_layer_and_c(classes):
                 np.testing.assert_array_equal(proba[layer, g].argmax(-1), clf.predict(xl))
 
 
+def test_fit_reaches_sklearns_optimum_when_items_share_features():
+    """Real layers can repeat items (sentence pairs sharing a sentence at the embedding layer): a kernel of rank
+    well below n, with nearly-null directions beside it, where the solver must stay finite and exact."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(25, 300))
+    x = np.repeat(base, 3, axis=0)[None]  # 75 items, rank 25
+    x[0, :5] += 1e-3 * rng.normal(size=(5, 300))  # a few tiny extra directions
+    y = (base @ rng.normal(size=300) > 0).repeat(3).astype(np.int64)
+    xt = torch.from_numpy(x).float()
+    weight, bias = fit_logistic(xt, torch.from_numpy(y)[None], torch.tensor([[1 / (0.01 * 75)]]), 2, tol=1e-10)
+    clf = LogisticRegression(C=0.01, tol=1e-10, max_iter=100000).fit(xt[0].double().numpy(), y)
+    coef, intercept = as_sklearn(weight[0, 0], bias[0, 0], 2)
+    assert np.isfinite(coef).all()
+    xd = xt[0].double().numpy()
+    assert sklearn_objective(xd, y, coef, intercept, 0.01) == pytest.approx(
+        sklearn_objective(xd, y, clf.coef_, clf.intercept_, 0.01), rel=1e-5)
+    np.testing.assert_allclose(coef, clf.coef_, atol=5e-3 * np.abs(clf.coef_).max())
+    np.testing.assert_array_equal((xd @ coef.T + intercept)[:, 0] > 0, clf.predict(xd) == 1)
+
+
 def test_fit_stays_at_the_optimum_on_separable_data_with_weak_penalty():
     """Separable classes and C = 1e4: the optimum has large weights; the fit must still be stationary."""
     rng = np.random.default_rng(3)
