@@ -39,7 +39,7 @@ from reports.tables import atomic_path
 CACHE = Path(__file__).resolve().parent / ".cache"
 # Both sides at the optimum: at its default tol=1e-4 scikit-learn stops short often enough to flip a test item
 # (e.g. always_never layer 30 at C=0.01: macro-F1 0.371 at tol 1e-4, 0.394 at 1e-6 and beyond, where ours is).
-SKLEARN_TOL = 1e-6
+SKLEARN_TOL = 1e-6  # and float64 input: on float32 lbfgs stays in float32, and items at |logit| ~ 1e-4 flip
 
 
 def task_feature_sets(names: list[str] | None) -> list[tuple[object, torch.Tensor]]:
@@ -176,11 +176,11 @@ def main() -> None:
             controls = np.stack([control_labels(control_keys(task), task.labels, s) for s in args.seeds])
             if task.regression:
                 ours, ours_s = timed(lambda: probe_regression(x, task.labels, controls, split))
-                (ref, _), ref_s = timed(lambda: sklearn_ridge(x.numpy(), task.labels, controls, split, C_GRID))
+                (ref, _), ref_s = timed(lambda: sklearn_ridge(x.double().numpy(), task.labels, controls, split, C_GRID))
                 ours_q, metric = ours.task["pearson"], "pearson"
             else:
                 ours, ours_s = timed(lambda: probe_classification(x, task.labels, controls, split, task.num_labels))
-                (ref, _), ref_s = timed(lambda: sklearn_probes(x.numpy(), task.labels, controls, split,
+                (ref, _), ref_s = timed(lambda: sklearn_probes(x.double().numpy(), task.labels, controls, split,
                                                                 task.num_labels, C_GRID))
                 ours_q, metric = ours.task["macro_f1"], "macro_f1"
             holmes, holmes_s = timed(lambda: holmes_probes(x, np.concatenate([task.labels[None], controls]), split,
