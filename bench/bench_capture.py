@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
+from measure import timed
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
 from probing.capture import Batch, TopK
@@ -29,18 +27,6 @@ from probing.hooks import HookRunner
 from probing.similarity.functional import functional_jobs, topk_kl
 from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureStore, capture_model, model_ref
-
-
-def rss_mb() -> float:
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
-
-
-def timed(fn):
-    start_rss, start = rss_mb(), time.perf_counter()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = fn()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result, time.perf_counter() - start, max(peak_after - peak_before, rss_mb() - start_rss, 0.0)
 
 
 def plain_forward(model, ids: torch.Tensor, batch_size: int) -> None:

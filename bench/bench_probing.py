@@ -8,30 +8,15 @@ our hooked pass that pools every layer (transformer-lens bridge) vs a plain HF f
 from __future__ import annotations
 
 import argparse
-import os
-import resource
-import time
 
-import psutil
 import torch
 
+from measure import timed
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
 from probing.capture import capture, task_requests
 from probing.hooks import HookRunner
 from probing.stage import load_tasks
-
-
-def rss_mb() -> float:
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
-
-
-def timed(fn):
-    start_rss, start = rss_mb(), time.perf_counter()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = fn()
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result, time.perf_counter() - start, max(peak_after - peak_before, rss_mb() - start_rss, 0.0)
 
 
 def plain_forward(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> None:
