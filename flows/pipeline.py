@@ -95,8 +95,8 @@ def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
     from probing.stage import load_tasks, probe_jobs
 
     spec = config.probing
-    jobs = probe_jobs(load_tasks(spec.data, spec.tasks), model.n_blocks, spec.pooling, spec.max_length,
-                      spec.batch_size)
+    tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # the probing task reports unknown datasets
+    jobs = probe_jobs(tasks, model.n_blocks, spec.pooling, spec.max_length, spec.batch_size)
     if config.similarity.functional:
         from probing.similarity.functional import functional_jobs
 
