@@ -71,10 +71,17 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     return json.loads(json.dumps(result, default=handle_non_serializable))
 
 
+def _cache_entry(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> Path:
+    return Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder))}.json"
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> dict | None:
     """The stored result for this checkpoint's content and settings, or None: deciding never loads the model."""
-    cached = Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder))}.json"
-    return read_cached(cached, lambda path: json.loads(path.read_text()))
+    return read_cached(_cache_entry(folder, settings, cache_dir), _load_json)
 
 
 def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path,
@@ -85,17 +92,17 @@ def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, 
     behaviour and captures); without it the model is loaded here. The result carries `merge_eval` =
     {cache_key, wall_seconds} (the wall time of the scoring that made it).
     """
-    hit = cached_score(folder, settings, cache_dir)
+    entry = _cache_entry(folder, settings, cache_dir)
+    hit = read_cached(entry, _load_json)
     if hit is not None:
         return hit
-    key = settings.cache_key(content_digest(folder))
     started = time.perf_counter()
     model, tokenizer = loaded if loaded is not None else load_model(folder, options)
     raw = evaluate(model, tokenizer, settings)
-    raw["merge_eval"] = {"cache_key": key, "wall_seconds": round(time.perf_counter() - started, 2),
+    raw["merge_eval"] = {"cache_key": entry.stem, "wall_seconds": round(time.perf_counter() - started, 2),
                          "settings": asdict(settings)}
     text = json.dumps(raw, indent=1)
-    atomic_write_text(Path(cache_dir) / CACHE_SUBDIR / f"{key}.json", text)
+    atomic_write_text(entry, text)
     return json.loads(text)  # what a cache hit returns, to the type (tuples become lists)
 
 
