@@ -18,15 +18,24 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
   features against group-level outcomes only (one depth curve per feature and outcome group — at task level that
   family would hold ~10^5 tests over ~10 merges).
 
-Each pair gets Pearson, Spearman and Kendall (tau-b) r and p exactly as scipy.stats computes them, a paired
-percentile bootstrap 95% CI for r, and a Benjamini–Hochberg q (scipy.stats.false_discovery_control) within its
-declared `family` = analysis|view|method (views of one analysis answer different questions; the three methods are
-alternative analyses of the same one, so none is pooled). Units missing either value are dropped pairwise.
-n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees the data (no warnings).
+Each pair gets Pearson, Spearman and Kendall (tau-b) r exactly as scipy.stats computes them, a permutation p-value
+(below), a paired percentile bootstrap 95% CI for r, and a Benjamini–Hochberg q (scipy.stats.false_discovery_control)
+within its declared `family` = analysis|view|method (views of one analysis answer different questions; the three
+methods are alternative analyses of the same one, so none is pooled). Units missing either value are dropped
+pairwise. n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees the data (no warnings).
+
+Why permutation p-values: a run has 5–15 units, and behaviour metrics saturate (8 of 9 models at 1.0), so the
+asymptotic and normal-theory p-values scipy reports are wrong exactly where they matter (r = ±1 at n = 5 gives p = 0).
+Permuting the pairing of x and y is exact under exchangeability whatever n and the ties: all n! pairings where
+n! <= `permutations` (p is then >= 1/n!·(ties), so five merges can never give p < 1/120), else that many random
+pairings with the (b+1)/(B+1) correction — scipy.stats.permutation_test's definitions with |r| as the statistic.
+Tests where one side is equal for all units but one get a `note`: one unit decides their r.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -40,6 +49,7 @@ from reports.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
 RESAMPLES = 1000
+PERMUTATIONS = 9999
 CONFIDENCE = 0.95
 HEADLINE_METRICS = ("macro_f1", "pearson")  # the probing stage's per-task score: classification, regression
 OUTCOME_MEASURES = ("gap_closed", "merge_gain", "relation")
@@ -49,8 +59,12 @@ Y_KEYS = ("y", "y_kind", "y_level", "y_metric")
 SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "x_level": pl.String, "y": pl.String,
           "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String, "view": pl.String, "layer": pl.Int64,
           "method": pl.String, "n": pl.Int64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-          "p": pl.Float64, "q": pl.Float64, "reason": pl.String}
+          "p": pl.Float64, "p_test": pl.String, "q": pl.Float64, "reason": pl.String,
+          "note": pl.String}
 _CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~4 of [tests, resamples, n])
+# statistics this close count as tied: scipy.stats.permutation_test's relative tolerance, plus an absolute one so
+# that an r of 0 that rounding left at 1e-17 ties with the re-pairings that give exactly 0 (p = 1, as it should)
+_RELATIVE_TIE, _ABSOLUTE_TIE = 100 * np.finfo(float).eps, 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------- variables
@@ -227,37 +241,78 @@ def percentile_interval(boot: np.ndarray, confidence: float = CONFIDENCE) -> tup
     return bounds[0], bounds[1]
 
 
-def kendall(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """scipy.stats.kendalltau (tau-b, method auto) for every row pair of [T, n], called once per distinct
-    sufficient statistic: tau and its p depend only on n, concordant minus discordant pairs and, for x and for y,
-    scipy's three tie sums over tie groups of size t (t(t-1)/2, t(t-1)(t-2), t(t-1)(2t+5)). Real tables repeat
-    these a lot, so ~10^4 tests cost ~10^2 scipy calls of ~1 ms, not 10^4."""
-    sx, sy = _signs(x), _signs(y)
-    keys = [np.full(len(x), x.shape[1]), 0.5 * (sx * sy).sum((1, 2))]
-    for s in (sx, sy):
-        group = (s == 0).sum(-1).astype(float)  # each unit's tie-group size t; a group's sum = its units' sum / t
-        keys += [((group - 1) / 2).sum(-1), ((group - 1) * (group - 2)).sum(-1),
-                 ((group - 1) * (2 * group + 5)).sum(-1)]
-    _, first, inverse = np.unique(np.rint(np.stack(keys, 1)).astype(np.int64), axis=0, return_index=True,
-                                  return_inverse=True)
-    found = [stats.kendalltau(x[i], y[i]) for i in first]
-    r = np.array([f.statistic for f in found], dtype=float)
-    p = np.array([f.pvalue for f in found], dtype=float)
-    return r[inverse.ravel()], p[inverse.ravel()]
+def point_estimates(method: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """r of every row pair of [T, n] (n >= 3, no constant row): scipy.stats's pearsonr, spearmanr and kendalltau
+    (tau-b) statistics, vectorised over rows (only pearsonr is), as the dot products of `_dot_terms`."""
+    return (_dot_terms(method, x) * _dot_terms(method, y)).sum(-1)
 
 
-def point_estimates(method: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """r and p of every row pair of [T, n] (n >= 3, no constant row), as scipy.stats computes them.
+def null_pairings(n: int, permutations: int, seed: int) -> tuple[np.ndarray, bool]:
+    """[P, n] re-pairings of one side under the null, and whether they are all n! of them (an exact test) — as
+    scipy.stats.permutation_test(permutation_type="pairings") decides."""
+    if math.factorial(n) <= permutations:
+        return np.array(list(itertools.permutations(range(n)))), True
+    return np.random.default_rng(seed).permuted(np.tile(np.arange(n), (permutations, 1)), axis=1), False
 
-    Spearman is scipy.stats.pearsonr on the average ranks (vectorised over rows; spearmanr is not): the same r by
-    definition, and pearsonr's exact null of r is spearmanr's t-test on n - 2 degrees of freedom rewritten.
-    """
+
+def _dot_terms(method: str, values: np.ndarray) -> np.ndarray:
+    """Per row of [T, n]: the unit vector whose dot product with the other side's is the method's r — z-scores
+    (Pearson), z-scored average ranks (Spearman), or the signs of the pairs i < j over the root of the untied
+    pairs (Kendall's tau-b: concordant minus discordant pairs over the root of the pairs untied in x times those
+    untied in y). Re-pairing the units permutes a side's entries (its pairs, for Kendall) and keeps the norm."""
     if method == "kendall":
-        return kendall(x, y)
+        upper = np.triu_indices(values.shape[1], 1)
+        signs = _signs(values)[:, upper[0], upper[1]]
+        return signs / np.sqrt(np.abs(signs).sum(-1, keepdims=True))
     if method == "spearman":
-        x, y = stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1)
-    found = stats.pearsonr(x, y, axis=-1)
-    return np.asarray(found.statistic, dtype=float), np.asarray(found.pvalue, dtype=float)
+        values = stats.rankdata(values, axis=-1)
+    centred = values - values.mean(-1, keepdims=True)
+    return centred / np.sqrt((centred ** 2).sum(-1, keepdims=True))
+
+
+def permutation_p(method: str, x: np.ndarray, y: np.ndarray, permutations: int,
+                  seed: int) -> tuple[np.ndarray, str]:
+    """Two-sided permutation p of every row pair of [T, n] (n >= 3, no constant row), with |r| as the statistic,
+    and how it was drawn.
+
+    Hand-written instead of a scipy.stats.permutation_test call per test: the null of every test that shares one
+    side's row is one matrix product against that row's re-pairings, so a run's ~10^5 tests take seconds.
+    tests/test_correlations.py checks equality with scipy.stats.permutation_test. The side with fewer distinct rows
+    is the one re-paired (the null of a pairing is the same either way).
+    """
+    if len(np.unique(x, axis=0)) < len(np.unique(y, axis=0)):
+        x, y = y, x
+    order, exact = null_pairings(x.shape[1], permutations, seed)
+    fixed = _dot_terms(method, x)
+    rows, index = np.unique(y, axis=0, return_inverse=True)
+    index = index.ravel()
+    if method == "kendall":
+        upper = np.triu_indices(x.shape[1], 1)
+        pairs = order[:, upper[0]], order[:, upper[1]]
+        nulls = (np.sign(row[pairs[0]] - row[pairs[1]]) / np.sqrt(np.abs(np.sign(row[upper[0]] - row[upper[1]])).sum())
+                 for row in rows)  # [P, pairs]: the re-paired pair signs, scaled as `_dot_terms` scales them
+    else:
+        nulls = (terms[order] for terms in _dot_terms(method, rows))  # [P, n]
+    extreme = np.zeros(len(x))
+    size = max(1, _CHUNK_BYTES // (8 * len(order)))
+    for row, (terms, null) in enumerate(zip(_dot_terms(method, rows), nulls)):
+        tests = np.flatnonzero(index == row)
+        for start in range(0, len(tests), size):
+            chosen = tests[start:start + size]
+            least = np.abs(fixed[chosen] @ terms) * (1 - _RELATIVE_TIE) - _ABSOLUTE_TIE  # as extreme as observed
+            extreme[chosen] = (np.abs(fixed[chosen] @ null.T) >= least[:, None]).sum(-1)
+    if exact:
+        return extreme / len(order), f"permutation: all {len(order)} pairings"
+    return (extreme + 1) / (len(order) + 1), f"permutation: {len(order)} random pairings"
+
+
+def one_unit_notes(x: np.ndarray, y: np.ndarray, units: str) -> list[str | None]:
+    """Per row pair of [T, n]: a note where x or y is equal for all units but one (one unit decides r)."""
+    n = x.shape[1]
+    lone = [(v[:, :, None] == v[:, None, :]).sum(-1).max(-1) == n - 1 for v in (x, y)]
+    names = {(True, False): "x", (False, True): "y", (True, True): "x and y"}
+    return [f"{names[a, b]} equal for all {units} but one: one unit decides r" if a or b else None
+            for a, b in zip(lone[0].tolist(), lone[1].tolist())]
 
 
 def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | None]:
@@ -271,16 +326,22 @@ def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | No
             for fx, fy in zip(flat_x.tolist(), flat_y.tolist())]
 
 
-def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resamples: int) -> pl.DataFrame:
-    """Every method's n, r, CI, p and reason for tests over the same number of units (rows of x, y [T, n]),
-    with the test's row index in `test`."""
+def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resamples: int,
+                    permutations: int = PERMUTATIONS) -> pl.DataFrame:
+    """Every method's n, r, CI, p (and how it was drawn), reason and note for tests over the same number of units
+    (rows of x, y [T, n]), with the test's row index in `test`."""
     tests, n = x.shape
     reasons = undefined_reasons(x, y, units)
     ok = np.flatnonzero([reason is None for reason in reasons])
     found = {m: {k: np.full(tests, np.nan) for k in ("r", "p", "ci_low", "ci_high")} for m in METHODS}
+    drawn = {m: None for m in METHODS}
+    notes = [None] * tests
     if len(ok):
+        for index, note in zip(ok, one_unit_notes(x[ok], y[ok], units)):
+            notes[index] = note
         for method in METHODS:
-            found[method]["r"][ok], found[method]["p"][ok] = point_estimates(method, x[ok], y[ok])
+            found[method]["r"][ok] = point_estimates(method, x[ok], y[ok])
+            found[method]["p"][ok], drawn[method] = permutation_p(method, x[ok], y[ok], permutations, seed)
         counts = resample_counts(n, resamples, seed)
         size = max(1, _CHUNK_BYTES // (8 * 4 * resamples * n))  # ~4 arrays of [tests, resamples, n] per chunk
         ok = ok[np.argsort(np.unique(x[ok], axis=0, return_inverse=True)[1].ravel(), kind="stable")]
@@ -288,15 +349,19 @@ def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resampl
             chosen = ok[start:start + size]
             for method, boot in bootstrap_r(x[chosen], y[chosen], counts).items():
                 found[method]["ci_low"][chosen], found[method]["ci_high"][chosen] = percentile_interval(boot)
+    tested = np.isfinite(found[METHODS[0]]["r"])
     return pl.concat([pl.DataFrame({"test": np.arange(tests), "method": method, "n": n, **found[method],
-                                    "reason": reasons}, schema_overrides={"n": pl.Int64, "reason": pl.String})
+                                    "p_test": [drawn[method] if t else None for t in tested], "reason": reasons,
+                                    "note": notes},
+                                   schema_overrides={"n": pl.Int64, "p_test": pl.String, "reason": pl.String,
+                                                     "note": pl.String})
                       for method in METHODS])
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
-def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, seed: int,
-               resamples: int) -> pl.DataFrame:
+def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, seed: int, resamples: int,
+               permutations: int) -> pl.DataFrame:
     """Every (x variable, y variable) pair's tests, over the units both have a value for."""
     pairs = xs.join(ys, on="unit", suffix="_y").sort("unit")
     tests = pairs.group_by(*X_KEYS, *Y_KEYS).agg(pl.col("value").alias("xv"), pl.col("value_y").alias("yv"),
@@ -305,7 +370,8 @@ def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, se
     for (size,), block in tests.partition_by("size", as_dict=True).items():
         x = block["xv"].list.to_array(size).to_numpy().reshape(-1, size)
         y = block["yv"].list.to_array(size).to_numpy().reshape(-1, size)
-        found = correlate_block(x, y, units, seed, resamples).with_columns(pl.col("test").cast(pl.UInt32))
+        found = correlate_block(x, y, units, seed, resamples, permutations).with_columns(
+            pl.col("test").cast(pl.UInt32))
         frames.append(block.drop("xv", "yv", "size").with_row_index("test").join(found, on="test").drop("test"))
     if not frames:
         return pl.DataFrame(schema=SCHEMA)
@@ -326,27 +392,28 @@ def with_q(frame: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts) if parts else frame
 
 
-def correlations(tables: Mapping[str, pl.DataFrame | None], seed: int = 0,
-                 resamples: int = RESAMPLES) -> pl.DataFrame:
+def correlations(tables: Mapping[str, pl.DataFrame | None], seed: int = 0, resamples: int = RESAMPLES,
+                 permutations: int = PERMUTATIONS) -> pl.DataFrame:
     """correlations.parquet rows from the run's tables (any of behavior, probes, similarity, outcomes may be
     missing: its analysis is then skipped)."""
     frames = []
     if tables.get("probes") is not None and tables.get("behavior") is not None:
         frames.append(_correlate(competence_variables(tables["probes"]), behavior_variables(tables["behavior"]),
-                                 "competence~behavior", "models", seed, resamples))
+                                 "competence~behavior", "models", seed, resamples, permutations))
     if tables.get("similarity") is not None and tables.get("outcomes") is not None:
         xs = selector_variables(tables["similarity"], tables["outcomes"])
         ys = outcome_variables(tables["outcomes"])
         frames.append(_correlate(xs.filter(pl.col("view").is_null()), ys, "selector~outcome", "merges", seed,
-                                 resamples))
+                                 resamples, permutations))
         frames.append(_correlate(xs.filter(pl.col("view") == "per_layer"), ys.filter(pl.col("y_level") == "group"),
-                                 "selector~outcome", "merges", seed, resamples))
+                                 "selector~outcome", "merges", seed, resamples, permutations))
     frame = pl.concat([f.select(*SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=SCHEMA)
     return with_q(frame.cast(SCHEMA)).sort("family", "x_kind", "x", "y_kind", "y", "y_metric", "view", "layer",
                                            "method", nulls_last=True)
 
 
-def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> Path:
+def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES,
+                  permutations: int = PERMUTATIONS) -> Path:
     """Read the run's tables from `tables_dir`, write correlations.parquet beside them."""
     tables = {name: read_table(tables_dir, name) for name in ("behavior", "probes", "similarity", "outcomes")}
-    return write_table(tables_dir, "correlations", correlations(tables, seed, resamples))
+    return write_table(tables_dir, "correlations", correlations(tables, seed, resamples, permutations))

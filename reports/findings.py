@@ -1,7 +1,8 @@
 """The report's findings summary: what a researcher wants first, computed from the tables (pure functions).
 
 - the best merge per view (behaviour, internals): highest mean normalized score over its task comparisons
-  (MergeBench: merged score / the expert parent's score, 1 = expert level), with its relation counts;
+  (MergeBench: merged score / the expert parent's score, 1 = expert level), with its relation counts; gap closed
+  is summarised by its median, since parents that score alike make its denominator tiny and its mean explode;
 - how many merge-vs-parent comparisons the data resolves (the merge above or below both parents, beyond noise);
 - the strongest correlations surviving Benjamini–Hochberg FDR (q < 0.05), and what did not.
 """
@@ -19,15 +20,16 @@ def _task_rows(outcomes: pl.DataFrame) -> pl.DataFrame:
     return outcomes.filter(pl.col("level") == "task") if "level" in outcomes.columns else outcomes
 
 
-def _finite_mean(column: str) -> pl.Expr:
-    return pl.col(column).filter(pl.col(column).is_finite()).mean().alias(column)
+def _finite(column: str) -> pl.Expr:
+    return pl.col(column).filter(pl.col(column).is_finite())
 
 
 def merge_ranking(outcomes: pl.DataFrame) -> dict[str, list[dict]]:
-    """Per kind: merges ranked by mean normalized score (then mean merge gain), with their relation counts."""
+    """Per kind: merges ranked by mean normalized score (then mean merge gain), with the median gap closed and
+    their relation counts."""
     rows = _task_rows(outcomes)
     ranked = rows.group_by("kind", "model", "method").agg(
-        _finite_mean("normalized"), _finite_mean("gap_closed"), _finite_mean("merge_gain"),
+        _finite("normalized").mean(), _finite("gap_closed").median(), _finite("merge_gain").mean(),
         pl.len().alias("comparisons"),
         *[(pl.col("relation") == r).sum().alias(r) for r in ("better", "between", "worse")],
     ).sort("kind", "normalized", "merge_gain", descending=[False, True, True], nulls_last=True)

@@ -1,4 +1,5 @@
-"""The correlation stage against scipy.stats on fixtures: r, p, bootstrap CIs, BH q, undefined cases, variables."""
+"""The correlation stage against scipy.stats on fixtures: r, permutation p, bootstrap CIs, BH q, undefined cases,
+variables."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from scipy import stats
 
 from reports.correlations import (METHODS, bootstrap_r, competence_variables, correlate_block, correlate_run,
-                                  correlations, outcome_variables, resample_counts, selector_variables, with_q)
+                                  correlations, outcome_variables, permutation_p, resample_counts,
+                                  selector_variables, with_q)
 from reports.tables import CONTRACT_COLUMNS, read_table, write_parquet
 
 SCIPY = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
@@ -92,7 +94,8 @@ def tables() -> dict[str, pl.DataFrame]:
 def result(tables) -> pl.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning storm: undefined cases are caught before scipy sees them
-        return correlations(tables, seed=0, resamples=200)
+        # 8! pairings of the models: every p an exact permutation test, comparable with scipy's exactly
+        return correlations(tables, seed=0, resamples=200, permutations=math.factorial(len(MODELS)))
 
 
 def _aligned(xs: pl.DataFrame, ys: pl.DataFrame, x_filter: dict, y_filter: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +122,23 @@ def test_contract_columns_and_families(result):
     assert set(per_layer.filter(pl.col("x_kind") != "competence")["y_level"]) == {"group"}
 
 
+def _permutation_test(x: np.ndarray, y: np.ndarray, method: str, resamples: int, rng=None):
+    """scipy.stats.permutation_test re-pairing x with y, |r| as the statistic (two-sided)."""
+    def statistic(a, axis):
+        if method == "kendall":  # scipy's kendalltau takes one pair per call
+            return np.abs(np.apply_along_axis(lambda row: stats.kendalltau(row, y).statistic, axis, a))
+        if method == "spearman":
+            a = stats.rankdata(a, axis=axis)
+            return np.abs(stats.pearsonr(a, stats.rankdata(y), axis=axis).statistic)
+        return np.abs(stats.pearsonr(a, y, axis=axis).statistic)
+
+    return stats.permutation_test((x,), statistic, permutation_type="pairings", alternative="greater",
+                                  n_resamples=resamples, rng=rng)
+
+
 def test_every_r_and_p_equals_scipy(tables, result):
-    """Each defined test, recomputed with scipy.stats on the two aligned vectors."""
+    """Each defined test, recomputed with scipy.stats on the two aligned vectors: r as scipy's correlation
+    functions give it, p as scipy.stats.permutation_test gives it over all n! pairings."""
     from reports.correlations import behavior_variables
 
     xs = {"competence": competence_variables(tables["probes"])}
@@ -128,19 +146,50 @@ def test_every_r_and_p_equals_scipy(tables, result):
     ys = {"behavior": behavior_variables(tables["behavior"]), "outcome": outcome_variables(tables["outcomes"])}
     defined = result.filter(pl.col("reason").is_null())
     tied = defined.filter(pl.col("y_kind").str.ends_with("_relation") & (pl.col("x_kind") == "parent_pair"))
-    sample = pl.concat([defined.filter(pl.col("x_kind") == "competence").sample(60, seed=0),
-                        defined.filter(pl.col("x_kind") != "competence").sample(60, seed=0),
-                        tied.sample(9, seed=0)])  # ties on both sides: Kendall's asymptotic p with tie terms
+    over_models = defined.filter(pl.col("x_kind") == "competence")
+    sample = pl.concat([over_models.filter(pl.col("method") != "kendall").sample(6, seed=0),
+                        over_models.filter(pl.col("method") == "kendall").sample(1, seed=0),  # 8! scipy calls
+                        defined.filter(pl.col("x_kind") != "competence").sample(30, seed=0),
+                        tied.sample(6, seed=0)])  # ties on both sides
     for row in sample.iter_rows(named=True):
         x_frame = xs["competence"] if row["x_kind"] == "competence" else selector_x
         y_frame = ys["behavior"] if row["y_kind"] == "behavior" else ys["outcome"]
         x, y = _aligned(x_frame, y_frame, {k: row[k] for k in ("x", "x_kind", "view", "layer")},
                         {k: row[k] for k in ("y", "y_kind", "y_level", "y_metric")})
-        expected = SCIPY[row["method"]](x, y)
         assert row["n"] == len(x)
-        assert row["r"] == pytest.approx(expected.statistic, abs=1e-12), row
-        assert row["p"] == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-15), row
+        assert row["r"] == pytest.approx(SCIPY[row["method"]](x, y).statistic, abs=1e-12), row
+        if abs(row["r"]) < 1e-12:  # r = 0 up to rounding: every re-pairing is as extreme (scipy's p feels the rounding)
+            assert row["p"] == 1.0
+        else:
+            assert row["p"] == _permutation_test(x, y, row["method"], math.factorial(len(x))).pvalue, row
+        assert row["p_test"] == f"permutation: all {math.factorial(len(x))} pairings"
         assert row["ci_low"] <= row["ci_high"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_pairings_agree_with_scipy_within_monte_carlo_error(method):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(5, 12))
+    y = np.round(x * 0.5 + rng.normal(size=(5, 12)))  # ties in y, correlations from weak to strong
+    p, drawn = permutation_p(method, x, y, permutations=2000, seed=3)
+    assert drawn == "permutation: 2000 random pairings"
+    for xi, yi, pi in zip(x, y, p):
+        expected = _permutation_test(xi, yi, method, 4000, rng=np.random.default_rng(4)).pvalue
+        assert abs(pi - expected) < 4 * math.sqrt(expected * (1 - expected) * (1 / 2000 + 1 / 4000)) + 1e-3
+
+
+def test_small_samples_cannot_reach_significance_they_do_not_have():
+    """r = 1 over 5 merges: scipy's normal-theory p is 0; the exact permutation p is 2/120 (both perfect
+    pairings), and a y equal for all units but one carries a note (one unit decides r)."""
+    x = np.array([[0.1, 0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    y = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    assert stats.pearsonr(x[0], y[0]).pvalue < 1e-10
+    block = correlate_block(x, y, "merges", 0, 100)
+    pearson = block.filter(pl.col("method") == "pearson").sort("test")
+    assert pearson["r"][0] == pytest.approx(1.0) and pearson["p"][0] == pytest.approx(2 / 120)
+    assert pearson["p_test"][0] == "permutation: all 120 pairings"
+    assert pearson["note"].to_list() == [None, "y equal for all merges but one: one unit decides r"]
+    assert pearson["p"][1] == pytest.approx(2 / 5)  # the lone unit at either extreme of x: 2 of 5 positions
 
 
 def test_behaviour_that_tracks_competence_is_found(result):
@@ -198,6 +247,7 @@ def test_undefined_cases_give_nan_and_a_reason_without_warnings():
                        "x and y constant over the 3 models"]
     for frame in (two, flat):
         assert frame.select(pl.col("r", "p", "ci_low", "ci_high").is_nan().all()).row(0) == (True,) * 4
+        assert frame["p_test"].is_null().all()
 
 
 def test_constant_behaviour_rows_carry_a_reason(result):

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 from collections import defaultdict
 
 import polars as pl
@@ -83,6 +84,9 @@ def test_findings_match_a_hand_computation(report_run):
         expected = max(merges, key=lambda m: _mean(r["normalized"] for r in merges[m]))
         assert ranking[kind][0]["model"] == expected
         assert ranking[kind][0]["normalized"] == pytest.approx(_mean(r["normalized"] for r in merges[expected]))
+        gaps = [r["gap_closed"] for r in merges[expected]
+                if r["gap_closed"] is not None and math.isfinite(r["gap_closed"])]
+        assert ranking[kind][0]["gap_closed"] == pytest.approx(statistics.median(gaps))
         relations = [r["relation"] for r in merges[expected]]
         assert (ranking[kind][0]["better"], ranking[kind][0]["worse"]) == (relations.count("better"),
                                                                            relations.count("worse"))
