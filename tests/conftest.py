@@ -102,7 +102,7 @@ def prefect_harness():
     """One temporary Prefect server for every flow-level test of the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=300)  # a busy 2-core machine:
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine
         yield
 
 
