@@ -69,13 +69,14 @@ def code_version(*sources: Path | str) -> str:
 
 
 def _append(cache_dir: Path, line: dict) -> None:
-    """One whole line appended: a single write() to an O_APPEND file lands at the end in one piece, so lines of
-    concurrent writers (task threads, worker processes) never interleave."""
+    """One line appended: a single write() to an O_APPEND file lands at the end in one piece, so lines of
+    concurrent writers (task threads, worker processes) never interleave. The newline comes first, so a line cut
+    short (a full disk) never swallows the next one."""
     path = Path(cache_dir) / LEDGER
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     try:
-        os.write(fd, (canonical_json(line) + "\n").encode())
+        os.write(fd, ("\n" + canonical_json(line)).encode())
     finally:
         os.close(fd)
 
@@ -100,7 +101,7 @@ def read_ledger(cache_dir: Path) -> pl.DataFrame:
     for text in path.read_text().splitlines() if path.is_file() else []:
         try:
             line = json.loads(text)
-        except ValueError:
+        except ValueError:  # empty, or cut short
             continue
         if "run" in line:
             run = line["run"]

@@ -22,8 +22,8 @@ from flows.cli import main
 from flows.run_store import RunDir
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.merge import MANIFEST, MergeLineage, merge
-from reports.cache import ALL_MODELS, cache_key, read_ledger
-from reports.tables import is_temp_name
+from reports.cache import ALL_MODELS, LEDGER, cache_key, read_ledger, record, start_run
+from reports.tables import atomic_dir, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENTS = ["base", "a", "b"]
@@ -69,30 +69,29 @@ def tables(run: RunDir) -> dict[str, pl.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def finished(prefect_harness, tiny_family, tmp_path_factory) -> tuple[RunDir, dict[str, pl.DataFrame]]:
-    """An uninterrupted run of the tiny config, and its tables as that run left them."""
+def finished(prefect_harness, tiny_family, tmp_path_factory) -> tuple[RunDir, dict[str, pl.DataFrame], Path]:
+    """An uninterrupted run of the tiny config, its tables as that run left them, and its config file."""
     from flows.pipeline import merge_eval
 
     folder = tmp_path_factory.mktemp("finished")
-    run = RunDir(folder / "run")
-    merge_eval(config_path=str(write_config(folder, tiny_family, METHODS)), run_dir=str(run.root))
-    return run, tables(run)
+    run, config = RunDir(folder / "run"), write_config(folder, tiny_family, METHODS)
+    merge_eval(config_path=str(config), run_dir=str(run.root))
+    return run, tables(run), config
 
 
 MODELS = PARENTS + ["a+b/linear", "a+b/dare_ties"]
 
 
-def test_first_run_misses_everything_and_a_second_run_hits_everything(finished, tiny_family, tmp_path,
-                                                                       load_counter):
+def test_first_run_misses_everything_and_a_second_run_hits_everything(finished, load_counter):
     from flows.pipeline import merge_eval
 
-    run, first_tables = finished
+    run, first_tables, config = finished
     expected = decisions(MODELS, MODELS[3:])
     first = read_ledger(run.cache)
     assert first["run"].n_unique() == 1 and decided(first, hit=True) == set()
     assert decided(first, hit=False) == expected and first.height == len(expected), "one decision each"
 
-    merge_eval(config_path=str(write_config(tmp_path, tiny_family, METHODS)), run_dir=str(run.root))
+    merge_eval(config_path=str(config), run_dir=str(run.root))  # the same file: config.yaml records its path
     second = last_run(run)
     assert decided(second, hit=False) == set()
     assert decided(second, hit=True) == expected and second.height == len(expected)
@@ -214,3 +213,31 @@ def test_cache_key_is_canonical_and_of_one_length():
     assert cache_key("s", {"a": 1}) != cache_key("s", {"a": 2}) != cache_key("t", {"a": 2})
     assert cache_key("s", Path("/x")) == cache_key("s", "/x")
     assert {len(cache_key(part)) for part in ("x", 1, None, [1.5])} == {32}
+
+
+def test_atomic_dir_shows_a_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_dir(target) as build:
+        (build / "half").write_text("x")
+        raise RuntimeError("killed mid-build")
+    assert list(tmp_path.iterdir()) == [], "a failed build leaves nothing"
+    with atomic_dir(target) as build:
+        (build / "v").write_text("1")
+    with atomic_dir(target, replace=False) as build:  # another process finished the same content first
+        (build / "v").write_text("2")
+    assert (target / "v").read_text() == "1"
+    with atomic_dir(target) as build:
+        (build / "v").write_text("3")
+    assert (target / "v").read_text() == "3" and list(tmp_path.iterdir()) == [target]
+
+
+def test_ledger_lines_belong_to_the_run_that_opened_them(tmp_path):
+    start_run(tmp_path, "first")
+    record(tmp_path, "probes", "a", hit=False)
+    with (tmp_path / LEDGER).open("a") as ledger:
+        ledger.write('\n{"stage": "probes", "mod')  # a line cut short by a full disk
+    start_run(tmp_path, "second")
+    record(tmp_path, "probes", "a", hit=True)
+    record(tmp_path, "report", ALL_MODELS, hit=True)
+    assert read_ledger(tmp_path).rows() == [("first", "probes", "a", False), ("second", "probes", "a", True),
+                                            ("second", "report", "*", True)]
