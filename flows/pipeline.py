@@ -156,7 +156,7 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
 
     models = [model_ref(name, folder) for name, folder in model_dirs.items()]
     rows = cached_functional_features(models, similarity_set(config), capture_store(run), config.precision,
-                               config.similarity.top_k)
+                                      config.similarity.top_k)
     get_run_logger().info("functional similarity: %d rows for %d models", rows.height, len(models))
     return replace_rows(run.tables, "similarity", rows, "source", "functional")
 
