@@ -20,16 +20,14 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import polars as pl
 
-from reports.tables import read_cached, write_parquet
+from reports.tables import atomic_write_text, read_cached, write_parquet
 
 KEY_LENGTH = 32
 LEDGER = "ledger.jsonl"
 ALL_MODELS = "*"  # the ledger's model for a stage over every model of the run (correlations, the report)
-T = TypeVar("T")
 
 
 def canonical_json(parts: object) -> str:
@@ -128,15 +126,13 @@ def cached_frame(cache_dir: Path | None, stage: str, model: str, key: str,
 
 
 def cached_outputs(cache_dir: Path | None, stage: str, key: str, outputs: Sequence[Path],
-                   make: Callable[[], T]) -> bool:
+                   make: Callable[[], object]) -> bool:
     """Run `make()` (which writes `outputs`) unless a stamp says these outputs were made for `key` and are unchanged
     since; returns whether it was a hit. The stamp (`cache_dir/<stage>/<key>.json`, written after the outputs)
     holds their digests, so a deleted or edited output is made again."""
     if cache_dir is None:
         make()
         return False
-    from reports.tables import atomic_write_text
-
     stamp = Path(cache_dir) / stage / f"{key}.json"
     expected = read_cached(stamp, lambda path: json.loads(path.read_text()))
     hit = expected is not None and all(Path(p).is_file() for p in outputs) and expected == _digests(outputs)
@@ -148,4 +144,5 @@ def cached_outputs(cache_dir: Path | None, stage: str, key: str, outputs: Sequen
 
 
 def _digests(outputs: Sequence[Path]) -> dict[str, str]:
-    return {str(p): file_digest(p) for p in outputs}
+    """By file name: a run directory moved or copied elsewhere keeps its hits."""
+    return {Path(p).name: file_digest(p) for p in outputs}
