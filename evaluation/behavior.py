@@ -8,7 +8,6 @@ from lm-eval's result, never from a list here: every metric lm-eval reports beco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -21,9 +20,11 @@ import polars as pl
 from evaluation.outcomes import metric_key
 from evaluation.suites import get_suite, task_manager
 from merging.checkpoints import LoadOptions, content_digest, load_model
+from reports.cache import cache_key, record
 from reports.tables import atomic_write_text, read_cached
 
 CACHE_SUBDIR = "behavior"
+BEHAVIOR_VERSION = "2"  # 2: results carry lm-eval's per-item samples (older entries, without them, are misses)
 BEHAVIOR_SCHEMA = {"model": pl.String, "suite": pl.String, "task": pl.String, "group": pl.String,
                    "level": pl.String, "metric": pl.String, "filter": pl.String, "value": pl.Float64,
                    "stderr": pl.Float64, "n": pl.Int64, "higher_is_better": pl.Boolean}
@@ -44,9 +45,8 @@ class BehaviorSettings:
 
     def cache_key(self, model_digest: str) -> str:
         # "samples": results carry lm-eval's per-item samples (older cache entries, without them, are not hits)
-        parts = {"model": model_digest, "settings": asdict(self), "lm_eval": version("lm_eval"), "samples": True,
-                 "suites": {name: get_suite(name).digest() for name in self.suites}}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        return cache_key("behavior", BEHAVIOR_VERSION, model_digest, asdict(self), version("lm_eval"),
+                         {name: get_suite(name).digest() for name in self.suites})
 
 
 def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
@@ -79,9 +79,13 @@ def _load_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> dict | None:
-    """The stored result for this checkpoint's content and settings, or None: deciding never loads the model."""
-    return read_cached(_cache_entry(folder, settings, cache_dir), _load_json)
+def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path, name: str | None = None) -> dict | None:
+    """The stored result for this checkpoint's content and settings, or None: deciding never loads the model.
+    With the model's `name`, the decision is reported to the run's ledger in `cache_dir`."""
+    raw = read_cached(_cache_entry(folder, settings, cache_dir), _load_json)
+    if name is not None:
+        record(cache_dir, "behavior", name, raw is not None)
+    return raw
 
 
 def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path,

@@ -31,7 +31,8 @@ NaN metrics, and says why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import polars as pl
 
@@ -173,3 +174,17 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
         *(c for role in ("expert", "aux") for c in (f"diff_{role}", f"diff_{role}_low", f"diff_{role}_high",
                                                     f"p_{role}", f"n_items_{role}")), "reason",
     ).sort("model", *keys)
+
+
+def cached_outcomes(cache_dir: Path | None, kind: str, inputs: Sequence[Path], lineages: Sequence[MergeLineage],
+                    seed: int, compute: Callable[[], pl.DataFrame], sources: Sequence[Path] = ()) -> pl.DataFrame:
+    """`compute()`'s outcome rows of `kind`, cached by the content of the `inputs` tables, the lineages, the seed of
+    the paired tests and the code that computes them (this module, evaluation.paired and `sources`)."""
+    from dataclasses import asdict
+
+    from evaluation import paired
+    from reports.cache import ALL_MODELS, cache_key, cached_frame, code_version, content_digest
+
+    key = cache_key("outcomes", kind, code_version(__file__, paired.__file__, *sources), content_digest(inputs),
+                    [asdict(lineage) for lineage in lineages], seed)
+    return cached_frame(cache_dir, f"{kind}_outcomes", ALL_MODELS, key, compute)[0]

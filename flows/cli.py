@@ -55,12 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config, run_dir = validate_config(args.config, args.run_dir)  # fail fast, before Prefect starts its server
     from flows.pipeline import merge_eval
+    from flows.run_store import RunDir
 
     for name in PREFECT_RUN_LOGGERS:
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     fresh = not run_dir.exists()
     try:
-        merge_eval(config_path=str(args.config), run_dir=str(run_dir))
+        with RunDir(run_dir).lock():  # before Prefect starts: a second run on this directory is refused at once
+            merge_eval(config_path=str(args.config), run_dir=str(run_dir))
     except UserError:
         if fresh:
             _discard_if_nothing_made(run_dir)
@@ -73,9 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _discard_if_nothing_made(run_dir: Path) -> None:
-    """Remove a run directory this run created when it failed before making anything but its config.yaml and
-    links to the parents; anything more (a merge, a cache entry) is kept for the next run to resume from."""
-    made = [p for p in run_dir.rglob("*") if not (p.is_symlink() or p.is_dir() or p == run_dir / "config.yaml")]
+    """Remove a run directory this run created when it failed before making anything but its bookkeeping (config,
+    lock, ledger) and links to the parents; anything more (a merge, a cache entry) is kept for the next run to
+    resume from."""
+    from flows.run_store import RunDir
+
+    kept = RunDir(run_dir).bookkeeping()
+    made = [p for p in run_dir.rglob("*") if not (p.is_symlink() or p.is_dir() or p in kept)]
     if not made:
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -55,7 +55,7 @@ def resolve_parents(config: ExperimentConfig, run: RunDir) -> dict[str, Path]:
 def merge_task(lineage: MergeLineage, parents: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
     out = run.model_dir(lineage.model)
     manifest = merge(lineage, parents, out, seed=config.seed, dtype=config.precision,
-                     trust_remote_code=config.trust_remote_code)
+                     trust_remote_code=config.trust_remote_code, cache_dir=run.cache)
     get_run_logger().info("merged %s in %.1f s (peak RSS %.0f MB)", lineage.model, manifest["wall_seconds"],
                           manifest["peak_rss_mb"])
     return out
@@ -116,8 +116,8 @@ def model_task(name: str, folder: Path, run: RunDir,
     logger = get_run_logger()
     settings, options = behavior_settings(config), load_options(config)
     model = model_ref(name, folder)
-    missing = capture_store(run).missing(capture_jobs(model, config), model.digest, config.precision)
-    raw = cached_score(folder, settings, run.cache)
+    missing = capture_store(run).missing(capture_jobs(model, config), model, config.precision)
+    raw = cached_score(folder, settings, run.cache, name=name)
     if raw is None or missing:
         loaded = checkpoints.load_model(folder, options)
         if raw is None:  # behaviour first: the bridge the captures boot switches the model to eager attention
@@ -152,11 +152,11 @@ def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentCon
 @task(name="functional-similarity", cache_policy=NO_CACHE)
 def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
     """Activation cosine, CKA, attention cosine and KL of every pair from the store into similarity.parquet."""
-    from probing.similarity.functional import functional_features
+    from probing.similarity.functional import cached_functional_features
 
     models = [model_ref(name, folder) for name, folder in model_dirs.items()]
-    rows = functional_features(models, similarity_set(config), capture_store(run), config.precision,
-                               config.similarity.top_k)
+    rows = cached_functional_features(models, similarity_set(config), capture_store(run), config.precision,
+                                      config.similarity.top_k)
     get_run_logger().info("functional similarity: %d rows for %d models", rows.height, len(models))
     return replace_rows(run.tables, "similarity", rows, "source", "functional")
 
@@ -165,13 +165,20 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
 def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
     """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds;
     relations decided by paired tests on the probes' test items."""
-    from evaluation.outcomes import compute_outcomes
+    import probing.stage
+    from evaluation.outcomes import cached_outcomes, compute_outcomes
     from evaluation.paired import probe_paired_tests
     from probing.stage import internals_scores
 
-    probes, lineages = read_table(run.tables, "probes"), merge_lineages(config)
-    paired = probe_paired_tests(read_table(run.tables, "probe_items"), probes, lineages, seed=config.seed)
-    rows = compute_outcomes(internals_scores(probes), lineages, kind="internals", paired=paired)
+    lineages = merge_lineages(config)
+
+    def compute() -> pl.DataFrame:
+        probes = read_table(run.tables, "probes")
+        paired = probe_paired_tests(read_table(run.tables, "probe_items"), probes, lineages, seed=config.seed)
+        return compute_outcomes(internals_scores(probes), lineages, kind="internals", paired=paired)
+
+    inputs = [run.tables / "probes.parquet", run.tables / "probe_items.parquet"]
+    rows = cached_outcomes(run.cache, "internals", inputs, lineages, config.seed, compute, [probing.stage.__file__])
     return replace_rows(run.tables, "outcomes", rows, "kind", "internals")
 
 
@@ -180,7 +187,7 @@ def correlations_task(run: RunDir, config: ExperimentConfig) -> Path:
     """correlations.parquet from the run's tables (reports.correlations)."""
     from reports.correlations import correlate_run
 
-    return correlate_run(run.tables, seed=config.seed)
+    return correlate_run(run.tables, seed=config.seed, cache_dir=run.cache)
 
 
 def behavior_settings(config: ExperimentConfig):
@@ -196,17 +203,22 @@ def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], run: R
                          config: ExperimentConfig) -> Path:
     """behavior.parquet and behavior_items.parquet for every model, and merge-vs-parents outcomes
     (kind=behavior) per task and group, decided by paired tests on the items."""
+    import evaluation.behavior
     from evaluation.behavior import outcome_items, outcome_scores
-    from evaluation.outcomes import compute_outcomes
+    from evaluation.outcomes import cached_outcomes, compute_outcomes
     from evaluation.paired import behavior_paired_tests
 
     behavior, items = (pl.concat(parts) for parts in zip(*frames))
-    write_table(run.tables, "behavior", behavior)
-    write_table(run.tables, "behavior_items", items)
+    inputs = [write_table(run.tables, "behavior", behavior), write_table(run.tables, "behavior_items", items)]
     lineages = merge_lineages(config)
-    paired = behavior_paired_tests(outcome_items(behavior, items), lineages, seed=config.seed)
-    return replace_rows(run.tables, "outcomes", compute_outcomes(outcome_scores(behavior), lineages, "behavior",
-                                                                 paired=paired), "kind", "behavior")
+
+    def compute() -> pl.DataFrame:
+        paired = behavior_paired_tests(outcome_items(behavior, items), lineages, seed=config.seed)
+        return compute_outcomes(outcome_scores(behavior), lineages, "behavior", paired=paired)
+
+    rows = cached_outcomes(run.cache, "behavior", inputs, lineages, config.seed, compute,
+                           [evaluation.behavior.__file__])
+    return replace_rows(run.tables, "outcomes", rows, "kind", "behavior")
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -214,7 +226,7 @@ def report_task(run: RunDir) -> Path:
     """RUN_DIR/report/index.html from the tables (`merge-eval report RUN_DIR` rewrites it the same way)."""
     from reports.report import write_report
 
-    return write_report(run.root)
+    return write_report(run.root, cache_dir=run.cache)
 
 
 @flow(name="merge-eval")
@@ -222,6 +234,11 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
     config = load_config(config_path)
     run = RunDir(Path(run_dir or Path("runs") / config.name))
+    with run.lock():  # one run at a time per run directory (the CLI took it already: reentrant)
+        return _run_pipeline(config, run, config_path)
+
+
+def _run_pipeline(config: ExperimentConfig, run: RunDir, config_path: str) -> str:
     run.write_config(config, Path(config_path))
     logger = get_run_logger()
     model_dirs = dict(resolve_parents(config, run))

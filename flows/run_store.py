@@ -1,21 +1,35 @@
-"""The run directory (DESIGN.md contract): resolved config, merged checkpoints, tables, report, caches."""
+"""The run directory (DESIGN.md contract): resolved config, merged checkpoints, tables, report, caches, and the
+lock that lets one run at a time write there."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
+from filelock import FileLock, Timeout
 
 from flows.config import ExperimentConfig
-from reports.tables import atomic_write_text
+from reports.cache import LEDGER, start_run
+from reports.errors import UserError
+from reports.tables import atomic_symlink, atomic_write_text, remove_temps
 
 RECORDED_PACKAGES = ("merge-eval", "torch", "transformers", "tokenizers", "safetensors", "peft", "mergekit",
                      "lm_eval", "transformer-lens", "scikit-learn", "numpy", "scipy", "polars", "prefect")
+
+
+LOCK_FILE = ".merge-eval.lock"
+
+
+class RunLockedError(UserError):
+    """Another live process is running on this run directory."""
 
 
 def package_versions() -> dict[str, str]:
@@ -63,18 +77,49 @@ class RunDir:
         """Per-model stage results keyed by content (behaviour, captures): what makes re-runs incremental."""
         return self.root / "cache"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
+
+    def bookkeeping(self) -> set[Path]:
+        """Files a run writes before it makes anything (its config, lock and ledger): a run that failed having
+        written only these made nothing worth keeping."""
+        return {self.root / "config.yaml", self.lock_file, self.cache / LEDGER}
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for this process, or fail at once with `RunLockedError` naming the holder's pid.
+
+        An flock (through `filelock`) belongs to the open file, so the kernel drops it when the holder exits, however
+        it exits: a run killed with -9 leaves no stale lock to clean up, and the next run takes over. Reentrant
+        within a process (the CLI takes it before Prefect starts, the flow again for deployments). The first
+        acquisition removes temp files a killed run left (no other writer can be active) and opens this run's
+        section of the cache ledger.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.lock_file, timeout=0, is_singleton=True, thread_local=False)
+        first = not lock.is_locked
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = _read_pid(self.lock_file)
+            raise RunLockedError(f"{self.root}: another merge-eval run (pid {holder or 'unknown'}) is using this run "
+                                 f"directory; wait for it to finish or stop it") from None
+        try:
+            if first:
+                self.lock_file.write_text(f"{os.getpid()}\n")
+                remove_temps(self.root)
+                start_run(self.cache, uuid.uuid4().hex)
+            yield
+        finally:
+            lock.release()
+
     def model_dir(self, name: str) -> Path:
         return self.models.joinpath(*name.split("/"))
 
     def link_parent(self, name: str, source: Path) -> Path:
         """models/<parent> as a symlink to where the parent lives: referenced, never copied."""
-        link = self.model_dir(name)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        temp = link.with_name(f".{link.name}.link")
-        temp.unlink(missing_ok=True)
-        temp.symlink_to(Path(source).resolve(), target_is_directory=True)
-        os.replace(temp, link)
-        return link
+        return atomic_symlink(self.model_dir(name), source)
 
     def write_config(self, config: ExperimentConfig, source: Path) -> Path:
         """config.yaml: the validated config with defaults filled in, plus versions and provenance."""
@@ -85,3 +130,10 @@ class RunDir:
         target = self.root / "config.yaml"
         atomic_write_text(target, yaml.safe_dump(resolved, sort_keys=False))
         return target
+
+
+def _read_pid(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

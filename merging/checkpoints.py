@@ -6,21 +6,30 @@ switches (`trust_remote_code`, pickle checkpoints) are decided in one place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from reports.cache import content_digest as files_digest
 from reports.errors import UserError
+from reports.tables import atomic_write_text
 
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DIGEST_PREFIX = ".merge-eval-digest"
-_DIGEST_FILE = f"{_DIGEST_PREFIX}.v2.json"  # v2: sha256 over per-file digests
+_DIGEST_FILE = f"{_DIGEST_PREFIX}.v3.json"  # v3: weights, config and tokenizer files only
 # Any one of these lets AutoTokenizer build a tokenizer without the hub (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# What a model's behaviour depends on besides its weights: its config and every tokenizer file transformers reads.
+# Records beside the model (manifest.json with wall time, member.json, mergekit's config with parent paths) are not
+# part of its content: re-making an identical merge must keep every downstream cache.
+MODEL_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    *TOKENIZER_FILES, "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+})
 
 
 class CheckpointError(UserError):
@@ -144,31 +153,28 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
     return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of one file, read in 4 MiB blocks (checkpoints are far larger than what we want in memory)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def model_files(folder: Path) -> list[Path]:
+    """The files a model's content is: weights (safetensors, or pickle .bin), config and tokenizer."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and (p.suffix in {".safetensors", ".bin"} or p.name in MODEL_FILES))
 
 
 def content_digest(folder: Path) -> str:
-    """sha256 over the checkpoint's weight and config files, memoised beside them by (size, mtime)."""
+    """Digest of the checkpoint's weights, config and tokenizer (`model_files`), memoised beside them by (size,
+    mtime)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in {".safetensors", ".bin", ".json"}
-                   and not p.name.startswith(_DIGEST_PREFIX))
+    files = model_files(folder)
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     memo = folder / _DIGEST_FILE
     try:
         cached = json.loads(memo.read_text())
         if cached["stamp"] == stamp:
             return cached["digest"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
+    value = files_digest(files)
     try:
-        memo.write_text(json.dumps({"stamp": stamp, "digest": value}))
+        atomic_write_text(memo, json.dumps({"stamp": stamp, "digest": value}))
     except OSError:  # read-only model folder: recompute next time
         pass
     return value

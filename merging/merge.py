@@ -8,9 +8,7 @@ half-written merge never exists (a full disk leaves the previous merge as it was
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +19,12 @@ import psutil
 
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
-from reports.errors import UserError, is_disk_full, naming_full_disk
-from reports.tables import CACHE_LOG, follow_umask, read_cached, temp_dir
+from reports.errors import UserError, is_disk_full
+from reports.cache import cache_key, record
+from reports.tables import CACHE_LOG, atomic_dir, read_cached
 
 MANIFEST = "manifest.json"
+MERGE_VERSION = "1"  # bumped when merge code changes what a merge with the same inputs writes
 
 
 class MergeError(UserError):
@@ -68,9 +68,8 @@ class PeakRss:
 
 def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dtype: str) -> str:
     """Hash of everything a merge's result depends on: parent contents, method, parameters, seed, dtype."""
-    parts = {"lineage": asdict(lineage), "seed": seed, "dtype": dtype, "mergekit": version("mergekit"),
-             "digests": {name: content_digest(path) for name, path in sorted(parent_dirs.items())}}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_key("merge", MERGE_VERSION, asdict(lineage), seed, dtype, version("mergekit"),
+                     {name: content_digest(path) for name, path in parent_dirs.items()})
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -85,8 +84,9 @@ def _damaged(folder: Path) -> list[str]:
 
 
 def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: int = 0,
-          dtype: str = "float32", trust_remote_code: bool = False) -> dict:
-    """Merge `lineage.parents` (over `lineage.base`) into `out`; returns the manifest. Reuses a matching result."""
+          dtype: str = "float32", trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
+    """Merge `lineage.parents` (over `lineage.base`) into `out`; returns the manifest. Reuses a matching result
+    (reported to the ledger in `cache_dir`, when given)."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
@@ -98,8 +98,10 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
     if existing and existing.get("input_key") == key:
         damaged = _damaged(out)
         if not damaged:
+            record(cache_dir, "merge", lineage.model, hit=True)
             return existing
         CACHE_LOG.warning("merge %s: %s; merging again", lineage.model, "; ".join(damaged))
+    record(cache_dir, "merge", lineage.model, hit=False)
 
     config = mergekit_config(method, lineage.parameters, [str(parent_dirs[p]) for p in lineage.parents],
                              str(parent_dirs[lineage.base]) if method.uses_base else None, dtype)
@@ -107,31 +109,22 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
     started = time.perf_counter()
-    with naming_full_disk(out):
-        build = temp_dir(out.parent, prefix=f".{out.name}-")
-        try:
-            with PeakRss() as memory:
-                try:
-                    run_merge(MergeConfiguration.model_validate(config), str(build), options=options)
-                except Exception as error:  # mergekit raises many types; name the merge and keep the cause
-                    if is_disk_full(error):
-                        raise
-                    raise MergeError(f"merge {lineage.model!r} ({lineage.method}) failed: {error}") from error
-            manifest = {
-                "model": lineage.model, "method": lineage.method, "parameters": config.get("parameters", {}),
-                "model_parameters": {m["model"]: m.get("parameters", {}) for m in config["models"]},
-                "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
-                "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
-                "mergekit_config": config, "seed": seed, "dtype": dtype,
-                "wall_seconds": round(time.perf_counter() - started, 3),
-                "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
-            }
-            (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            follow_umask(build)
-        except BaseException:  # interrupted or failed: no half-built folder stays behind
-            shutil.rmtree(build, ignore_errors=True)
-            raise
-    if out.exists():
-        shutil.rmtree(out)
-    build.rename(out)
+    with atomic_dir(out) as build:
+        with PeakRss() as memory:
+            try:
+                run_merge(MergeConfiguration.model_validate(config), str(build), options=options)
+            except Exception as error:  # mergekit raises many types; name the merge and keep the cause
+                if is_disk_full(error):
+                    raise
+                raise MergeError(f"merge {lineage.model!r} ({lineage.method}) failed: {error}") from error
+        manifest = {
+            "model": lineage.model, "method": lineage.method, "parameters": config.get("parameters", {}),
+            "model_parameters": {m["model"]: m.get("parameters", {}) for m in config["models"]},
+            "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
+            "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
+            "mergekit_config": config, "seed": seed, "dtype": dtype,
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
+        }
+        (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -16,7 +16,6 @@ Right padding + a causal model means real tokens never see padding, so batching 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from probing.holmes import ProbingTask, Span
 from probing.hooks import HookRunner, layer_hooks
+from reports.cache import cache_key
 from reports.errors import UserError
 
 PAIR_JOIN = " "  # _CROSS pair types: decoder-only models have no separator token, so sides are joined by a space
@@ -146,7 +146,7 @@ class PooledInputs:
 def probe_inputs(task: ProbingTask, pooling: str, max_length: int) -> tuple[PooledInputs, np.ndarray]:
     """A probing task's capture inputs and, per item, the rows to concatenate (see `task_requests`)."""
     requests, item_index = task_requests(task, pooling)
-    digest = hashlib.sha256(f"{task.digest}\n{pooling}\n{PAIR_JOIN!r}".encode()).hexdigest()
+    digest = cache_key("probe-inputs", task.digest, pooling, PAIR_JOIN)
     return PooledInputs(requests, max_length, digest, name=f"probe:{task.name}"), item_index
 
 

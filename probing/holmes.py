@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from reports.cache import content_digest as files_digest
 from reports.errors import UserError
 
 COLUMNS = ("inputs", "context", "topic", "org_label", "set-0", "string_label", "label", "id")
@@ -264,7 +264,7 @@ def read_task(folder: str | Path) -> ProbingTask:
         names = {int(r[3]): r[5] or str(int(r[3])) for r in rows}
         label_names = tuple(names.get(i, str(i)) for i in range(num_labels))
     labels = np.array([r[3] for r in rows], dtype=np.float64 if num_labels == 1 else np.int64)
-    digest = hashlib.sha256(samples.read_bytes() + b"\0" + config_path.read_bytes()).hexdigest()
+    digest = files_digest([samples, config_path])
     phenomenon, competence = _phenomenon(folder.name, config)
     return ProbingTask(name=folder.name, phenomenon=phenomenon, task_type=task_type, label_names=label_names,
                        contexts=tuple(r[1] for r in rows), inputs=tuple(r[2] for r in rows), labels=labels,

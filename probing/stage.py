@@ -12,8 +12,6 @@ test items, so their errors correlate positively); a phenomenon's score is the m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +27,7 @@ from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_task
 from probing.hooks import layer_hooks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from probing.store import CaptureJob, CaptureStore, ModelRef
+from reports.cache import cache_key, record
 from reports.tables import read_cached, write_parquet
 
 PROBE_VERSION = "2"  # 2: per-item test predictions (probe_items) cached beside the rows
@@ -122,15 +121,16 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
                 log=print) -> ProbeTables:
     """probes.parquet and probe_items.parquet rows for one model from its stored captures; probe results are
     cached beside them by capture keys + probe settings."""
-    frames, items = [], []
+    frames, items, hits = [], [], []
     named = pl.lit(model.name).alias("model")
     for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
         keys = [job.key(request, model.digest, precision) for request in job.requests]
-        settings = json.dumps([PROBE_VERSION, [key.digest for key in keys], seeds, controls, mdl])
-        stem = store.root.parent / "probes" / hashlib.sha256(settings.encode()).hexdigest()[:24]
+        stem = store.root.parent / "probes" / cache_key("probes", PROBE_VERSION, [key.digest for key in keys], seeds,
+                                                       controls, mdl)
         rows_path, items_path = stem.with_suffix(".parquet"), stem.with_suffix(".items.parquet")
         cached = ProbeTables(read_cached(rows_path, pl.read_parquet), read_cached(items_path, pl.read_parquet))
-        if cached.rows is None or cached.items is None:
+        hits.append(cached.rows is not None and cached.items is not None)
+        if not hits[-1]:
             pooled = torch.stack([store.load(key)["value"].float() for key in keys])
             _, item_index = probe_inputs(task, pooling, max_length)
             cached = probe_task(task_features(pooled, item_index), task, seeds, controls, mdl)
@@ -139,6 +139,7 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
             log(f"{model.name}: probed {task.name} ({cached.rows['layer'].n_unique()} layers)")
         frames.append(cached.rows.with_columns(named))
         items.append(cached.items.with_columns(named))
+    record(store.root.parent, "probes", model.name, all(hits))
     return ProbeTables(pl.concat(frames, how="diagonal_relaxed"), pl.concat(items))
 
 

@@ -9,7 +9,6 @@ through a temp file + rename, so an interrupted capture leaves an entry whole or
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from probing.capture import HookRequest, InputSet, run_capture
 from probing.hooks import HookRunner
+from reports.cache import cache_key, record
 from reports.tables import atomic_path, read_cached
 
 CAPTURE_VERSION = "2"  # 2: hook requests + reducers, float32/bfloat16 storage (1 stored pooled layers in fp16)
@@ -38,7 +38,7 @@ class CaptureKey:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+        return cache_key("capture", asdict(self))
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,15 @@ class CaptureStore:
             safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temp,
                                         metadata={**{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata})
 
-    def missing(self, jobs: Sequence[CaptureJob], model_digest: str, precision: str) -> list[CaptureJob]:
-        """The jobs (each cut down to its missing requests) that still need the model."""
+    def missing(self, jobs: Sequence[CaptureJob], model: ModelRef, precision: str) -> list[CaptureJob]:
+        """The jobs (each cut down to its missing requests) that still need the model; reported to the run's
+        ledger (beside the store) as one hit or miss of the model's captures."""
         out = []
         for job in jobs:
-            requests = tuple(r for r in job.requests if not self.has(job.key(r, model_digest, precision)))
+            requests = tuple(r for r in job.requests if not self.has(job.key(r, model.digest, precision)))
             if requests:
                 out.append(CaptureJob(job.inputs, requests, job.batch_size))
+        record(self.root.parent, "captures", model.name, not out)
         return out
 
 

@@ -44,7 +44,9 @@ import polars as pl
 from scipy import stats
 
 from evaluation.outcomes import metric_key
+from evaluation import paired
 from evaluation.paired import bootstrap_counts
+from reports.cache import cache_key, cached_outputs, code_version, content_digest
 from reports.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
@@ -412,8 +414,21 @@ def correlations(tables: Mapping[str, pl.DataFrame | None], seed: int = 0, resam
                                            "method", nulls_last=True)
 
 
-def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES,
-                  permutations: int = PERMUTATIONS) -> Path:
-    """Read the run's tables from `tables_dir`, write correlations.parquet beside them."""
-    tables = {name: read_table(tables_dir, name) for name in ("behavior", "probes", "similarity", "outcomes")}
-    return write_table(tables_dir, "correlations", correlations(tables, seed, resamples, permutations))
+INPUT_TABLES = ("behavior", "probes", "similarity", "outcomes")
+
+
+def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES, permutations: int = PERMUTATIONS,
+                  cache_dir: Path | None = None) -> Path:
+    """Read the run's tables from `tables_dir`, write correlations.parquet beside them; with a `cache_dir`, only
+    when the input tables' content, the settings or this code changed since it was last written."""
+    inputs = [p for p in (Path(tables_dir) / f"{name}.parquet" for name in INPUT_TABLES) if p.is_file()]
+    key = cache_key("correlations", code_version(__file__, paired.__file__), content_digest(inputs), seed, resamples,
+                    permutations)
+    target = Path(tables_dir) / "correlations.parquet"
+
+    def make() -> None:
+        tables = {name: read_table(tables_dir, name) for name in INPUT_TABLES}
+        write_table(tables_dir, "correlations", correlations(tables, seed, resamples, permutations))
+
+    cached_outputs(cache_dir, "correlations", key, [target], make)
+    return target

@@ -24,7 +24,8 @@ from plotly.offline import get_plotlyjs
 
 from reports import figures, findings
 from reports.errors import UserError
-from reports.tables import atomic_path
+from reports.cache import cache_key, cached_outputs, code_version, content_digest
+from reports.tables import atomic_path, is_temp_name
 
 TEMPLATE = "plotly_white"
 TABLES = ("behavior", "probes", "similarity", "outcomes", "correlations")
@@ -238,11 +239,27 @@ def render(run: RunTables) -> str:
         plotly_js=Markup(get_plotlyjs()), figures_json=figures_json(charts))
 
 
-def write_report(run_dir: Path) -> Path:
-    """(Re)write RUN_DIR/report/index.html atomically from RUN_DIR/tables; returns its path."""
-    run = load_tables(Path(run_dir))
-    target = run.root / "report" / "index.html"
-    with atomic_path(target) as temp:
-        temp.write_text(render(run), encoding="utf-8")
-        temp.chmod(0o644)  # a page to open or serve: readable like any file the user writes, not mkstemp's 0600
+def report_inputs(run_dir: Path) -> list[Path]:
+    """Every file the report reads: the tables, the raw behaviour results, merge manifests, config.yaml."""
+    run_dir = Path(run_dir)
+    found = [p for p in (run_dir / "tables").rglob("*") if p.is_file() and not is_temp_name(p.name)]
+    found += [p for p in (run_dir / "models").rglob("manifest.json") if p.is_file()] + [run_dir / "config.yaml"]
+    return sorted(p for p in found if p.is_file())
+
+
+def write_report(run_dir: Path, cache_dir: Path | None = None) -> Path:
+    """(Re)write RUN_DIR/report/index.html atomically from RUN_DIR/tables; returns its path. With a `cache_dir`,
+    only when what the report reads (`report_inputs`) or its code changed since it was last written."""
+    root = Path(run_dir)
+    target = root / "report" / "index.html"
+
+    def make() -> None:
+        run = load_tables(root)
+        with atomic_path(target) as temp:
+            temp.write_text(render(run), encoding="utf-8")
+
+    here = Path(__file__).parent
+    key = cache_key("report", code_version(__file__, figures.__file__, findings.__file__, here / "templates"),
+                    content_digest(report_inputs(root), root=root))
+    cached_outputs(cache_dir, "report", key, [target], make)
     return target

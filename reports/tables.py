@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,14 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask()
 
 
+TEMP_SUFFIX = ".tmp"  # every temp file and folder the helpers below make is named ".<target name>.<random>.tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of our temp files or folders (what a killed run can leave behind)."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; on success it replaces `target` (with the umask's mode), on error it is
@@ -67,7 +76,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     with naming_full_disk(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
         os.close(fd)
         temp = Path(name)
         try:
@@ -78,20 +87,66 @@ def atomic_path(target: Path) -> Iterator[Path]:
             temp.unlink(missing_ok=True)
 
 
-def temp_dir(parent: Path, prefix: str) -> Path:
-    """A new directory in `parent` to build into and rename into place; mode from the umask (mkdtemp: 0700)."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, default_mode(directory=True))
-    return path
+@contextmanager
+def atomic_dir(target: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a new folder beside `target` to build into; on success it is renamed to `target`, every file in it
+    with the umask's modes. An existing `target` is swapped out first (`replace`) or kept, the new build discarded
+    (not `replace`: another process finished the same content first). On error the build is removed, so `target`
+    is only ever absent, the old folder or the whole new one. A full disk becomes `NoSpaceError` naming `target`.
+    """
+    target = Path(target)
+    with naming_full_disk(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+        try:
+            yield build
+            follow_umask(build)
+            if target.exists() and not replace:
+                shutil.rmtree(build)
+                return
+            if target.exists():  # rename() cannot replace a non-empty folder: move the old one aside first
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+                os.replace(target, aside / target.name)
+                build.rename(target)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                build.rename(target)
+        except BaseException:  # interrupted or failed: no half-built folder stays behind
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+
+def atomic_symlink(link: Path, source: Path) -> Path:
+    """`link` -> `source` (a folder), replacing an older link in one rename."""
+    with atomic_path(link) as temp:
+        temp.unlink()
+        temp.symlink_to(Path(source).resolve(), target_is_directory=True)
+    return Path(link)
 
 
 def follow_umask(folder: Path) -> None:
     """Give `folder` and everything in it the umask's modes: libraries that build a folder for us (mergekit)
-    write some files through mkstemp (0600) and copy others with their source's mode."""
+    write some files through mkstemp (0600) and copy others with their source's mode; mkdtemp makes 0700."""
     for path in [Path(folder), *Path(folder).rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, default_mode(directory=path.is_dir()))
+
+
+def remove_temps(root: Path) -> list[Path]:
+    """Remove every temp file and folder under `root` (symlinks not followed) that a killed process left behind;
+    only safe while no other process writes there (the run-directory lock). Returns what was removed."""
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if is_temp_name(name):
+                path = Path(folder) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not is_temp_name(d)]
+    return removed
 
 
 def read_cached(path: Path, load: Callable[[Path], T]) -> T | None:

@@ -7,7 +7,9 @@ the pytest temp area so nothing leaks into the user's HOME.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 _SCRATCH = Path(tempfile.mkdtemp(prefix="merge-eval-tests-"))
@@ -100,5 +102,22 @@ def prefect_harness():
     """One temporary Prefect server for every flow-level test of the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine
         yield
+
+
+@pytest.fixture()
+def load_counter(monkeypatch) -> Counter:
+    """Counts `merging.checkpoints.load_model` calls per resolved folder, wherever a module bound it."""
+    import merging.checkpoints
+
+    original, loads = merging.checkpoints.load_model, Counter()
+
+    def counting(folder, *args, **kwargs):
+        loads[Path(folder).resolve()] += 1
+        return original(folder, *args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "load_model", None) is original:
+            monkeypatch.setattr(module, "load_model", counting)
+    return loads

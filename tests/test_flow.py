@@ -4,7 +4,6 @@ per run (none on a resumed run), functional similarity for every pair, resumptio
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from itertools import combinations, permutations
 from pathlib import Path
@@ -36,23 +35,6 @@ def tiny_config(tiny_family, tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-@pytest.fixture()
-def load_counter(monkeypatch) -> Counter:
-    """Counts `merging.checkpoints.load_model` calls per resolved folder, wherever a module bound it."""
-    import merging.checkpoints
-
-    original, loads = merging.checkpoints.load_model, Counter()
-
-    def counting(folder, *args, **kwargs):
-        loads[Path(folder).resolve()] += 1
-        return original(folder, *args, **kwargs)
-
-    for module in list(sys.modules.values()):
-        if getattr(module, "load_model", None) is original:
-            monkeypatch.setattr(module, "load_model", counting)
-    return loads
 
 
 def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path, load_counter):

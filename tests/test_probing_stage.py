@@ -31,10 +31,10 @@ def tiny_probes(tiny_family, tmp_path_factory):
     for name in ("base", "a", "b"):
         model = model_ref(name, tiny_family[name])
         jobs = probe_jobs(tasks, model.n_blocks)
-        assert store.missing(jobs, model.digest, "float32") == jobs
+        assert store.missing(jobs, model, "float32") == jobs
         capture_model(HookRunner(*load_model(tiny_family[name], LoadOptions())), model, jobs, store, "float32",
                       log=lambda _: None)
-        assert store.missing(jobs, model.digest, "float32") == []
+        assert store.missing(jobs, model, "float32") == []
         frames.append(probe_model(model, tasks, store, "float32", seeds=[0, 1, 2], mdl=True, log=lambda _: None).rows)
     return pl.concat(frames, how="diagonal_relaxed"), store, tasks
 

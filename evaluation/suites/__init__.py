@@ -9,12 +9,13 @@ exactly when the suite's content changes.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from reports.cache import cache_key
+from reports.cache import content_digest as files_digest
 from reports.errors import UserError
 
 OFFLINE_DIR = Path(__file__).parent / "offline"
@@ -43,13 +44,10 @@ class Suite:
         return Path(__file__).parent / self.folder
 
     def digest(self) -> str:
-        """sha256 over the suite's task names, lm-eval's version and every file in its folder."""
-        digest = hashlib.sha256(f"{self.name}:{self.tasks}:lm_eval={version('lm_eval')}".encode())
+        """Digest of the suite's task names, lm-eval's version and every file in its folder."""
         root = self.include_path
-        for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-            digest.update(path.relative_to(root).as_posix().encode())
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
+        files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        return cache_key("suite", self.name, self.tasks, version("lm_eval"), files_digest(files, root))
 
 
 SUITES: dict[str, Suite] = {

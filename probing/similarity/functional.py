@@ -12,7 +12,8 @@ outside b's top k. Exact when k covers the vocabulary; the error on SmolLM2 is m
 
 from __future__ import annotations
 
-from itertools import combinations, permutations
+from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,6 +24,8 @@ from probing.hooks import LOGITS_HOOK, layer_hooks, pattern_hooks
 from probing.similarity.registry import conform, summary_rows
 from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureJob, CaptureStore, ModelRef
+from reports.cache import cache_key, code_version, record
+from reports.tables import read_cached, write_parquet
 
 TOP_K = 1024
 LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite
@@ -86,12 +89,15 @@ def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: Mo
 
 
 def functional_features(models: list[ModelRef], windows: TokenWindows, store: CaptureStore, precision: str,
-                        top_k: int = TOP_K) -> pl.DataFrame:
-    """similarity.parquet rows (source functional) for every pair of `models` (KL: every ordered pair).
+                        top_k: int = TOP_K, pairs: list[tuple[ModelRef, ModelRef]] | None = None) -> pl.DataFrame:
+    """similarity.parquet rows (source functional) for every pair of `models` (KL: both orders of each pair), or
+    for `pairs` of them only (each model's captures are still read once per layer).
 
     Layer numbering as in probing: `activation_cosine`/`cka` layer 0 = embeddings, i = after block i-1;
     `attention_cosine` rows of block i carry layer i + 1 (the residual layer that block writes) and `head`.
     """
+    pairs = list(combinations(models, 2)) if pairs is None else pairs
+    models = [m for m in models if any(m in pair for pair in pairs)]
     jobs = {m.name: functional_jobs(windows, m.n_blocks, top_k)[0] for m in models}
     if len({m.n_blocks for m in models}) > 1:
         raise ValueError(f"functional similarity needs models of one depth; got {[m.n_blocks for m in models]}")
@@ -107,7 +113,7 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
                   for m in models}
         # float32 products: the d×d cross products dominate the stage's time; CKA's relative error stays ~1e-6
         sides = {name: cka_side(x, torch.float32) for name, x in states.items()}
-        for a, b in combinations(models, 2):
+        for a, b in pairs:
             for feature, value in (("activation_cosine", activation_cosine(states[a.name], states[b.name])),
                                    ("cka", linear_cka(sides[a.name], sides[b.name]))):
                 per_pair.setdefault((a.name, b.name, feature), []).append(value)
@@ -115,15 +121,44 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
                              "layer": layer, "value": value, "n": n_tokens})
     for block, request in enumerate(requests(PackedPattern)):
         patterns = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"] for m in models}
-        for a, b in combinations(models, 2):
+        for a, b in pairs:
             values = pattern_cosine(patterns[a.name], patterns[b.name]).tolist()
             per_pair.setdefault((a.name, b.name, "attention_cosine"), []).extend(values)
             rows += [{"model_a": a.name, "model_b": b.name, "feature": "attention_cosine", "scope": "head",
                       "layer": block + 1, "head": head, "value": v, "n": n_tokens} for head, v in enumerate(values)]
     (logits,) = requests(TopK)
     top = {m.name: _layer(store, jobs[m.name], logits, m, precision) for m in models}
-    for a, b in permutations(models, 2):
+    for a, b in [ordered for pair in pairs for ordered in (pair, pair[::-1])]:
         per_pair[(a.name, b.name, "kl")] = topk_kl(top[a.name], top[b.name], b.vocab_size).tolist()
     for (a, b, feature), values in per_pair.items():
         rows += summary_rows(values, model_a=a, model_b=b, feature=feature)
     return conform(pl.DataFrame(rows, infer_schema_length=None).with_columns(source=pl.lit("functional")))
+
+
+def cached_functional_features(models: list[ModelRef], windows: TokenWindows, store: CaptureStore, precision: str,
+                               top_k: int = TOP_K) -> pl.DataFrame:
+    """`functional_features` for every pair, each pair's rows cached beside the capture store by the capture keys
+    of both models and this code: adding a model computes only the pairs it is in. Rows come in the same order
+    whatever was cached (pairs in `models` order), so a resumed run writes the same table."""
+    cache_dir = store.root.parent
+    code = code_version(__file__, Path(__file__).with_name("registry.py"))
+
+    def captures(model: ModelRef) -> list[str]:
+        job = functional_jobs(windows, model.n_blocks, top_k)[0]
+        return [job.key(request, model.digest, precision).digest for request in job.requests]
+
+    pairs = list(combinations(models, 2))
+    paths = {(a.name, b.name): cache_dir / "functional_similarity" /
+             f"{cache_key('functional_similarity', code, captures(a), captures(b), top_k)}.parquet" for a, b in pairs}
+    frames = {pair: read_cached(path, pl.read_parquet) for pair, path in paths.items()}
+    missing = [(a, b) for a, b in pairs if frames[(a.name, b.name)] is None]
+    for a, b in pairs:
+        record(cache_dir, "functional_similarity", f"{a.name}|{b.name}", frames[(a.name, b.name)] is not None)
+    if missing:
+        rows = functional_features(models, windows, store, precision, top_k, pairs=missing)
+        for a, b in missing:
+            names = [a.name, b.name]
+            frame = rows.filter(pl.col("model_a").is_in(names) & pl.col("model_b").is_in(names))
+            write_parquet(frame, paths[(a.name, b.name)])
+            frames[(a.name, b.name)] = frame
+    return pl.concat(list(frames.values()))

@@ -10,7 +10,6 @@ follow from the tokenizer, which is part of the model's content digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from functools import cache
@@ -21,6 +20,7 @@ import torch
 from evaluation.suites import OFFLINE_DIR
 from probing.build_suite import SUITE_DIR
 from probing.capture import Batch, CaptureError
+from reports.cache import cache_key
 
 SET_VERSION = "1"
 
@@ -57,7 +57,7 @@ class TokenWindows:
         self.n_rows = tokens // window
         self.max_length = window
         self.name = f"similarity-set-v{SET_VERSION}"
-        self.digest = hashlib.sha256(json.dumps([SET_VERSION, pool_text(), tokens, window]).encode()).hexdigest()
+        self.digest = cache_key("similarity-set", SET_VERSION, pool_text(), tokens, window)
 
     def token_ids(self, tokenizer) -> torch.Tensor:
         """[n_rows, window] ids; a clear error when the shipped text is too short for the requested size."""

@@ -12,8 +12,6 @@ distances come from the small δ Gram, which avoids the cancellation of ‖θ_i�
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,9 @@ from tqdm.auto import tqdm
 from merging.checkpoints import content_digest
 from merging.streaming import StreamedCheckpoint, layer_of, module_of, stream_chunks
 from probing.similarity.registry import conform
-from reports.tables import read_cached, write_parquet
+from reports.cache import ALL_MODELS, cached_frame
+from reports.cache import cache_key as make_key
+from reports.cache import content_digest as files_digest
 
 ZERO_RTOL = 1e-6  # |δ| ≤ ZERO_RTOL·|θ_base| counts as unchanged: ~8 float32 ulps, far below any real update
 CHUNK_BYTES = 64 << 20  # working set of one chunk across all models (float64 values + float32 signs)
@@ -210,27 +210,18 @@ def code_version() -> str:
     """Digest of the code that computes the features: a change to it invalidates cached results."""
     import merging.streaming
 
-    digest = hashlib.sha256()
-    for module in (Path(merging.streaming.__file__), Path(__file__)):
-        digest.update(module.read_bytes())
-    return digest.hexdigest()[:16]
+    return files_digest([Path(merging.streaming.__file__), Path(__file__)])
 
 
 def cache_key(models: dict[str, Path], base: str, groups: dict[str, tuple[str, ...]] | None,
               zero_rtol: float) -> str:
-    parts = {"models": [[name, content_digest(path)] for name, path in models.items()], "base": base,
-             "groups": {k: list(v) for k, v in (groups or {}).items()}, "zero_rtol": zero_rtol,
-             "code": code_version()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return make_key("weight_features", code_version(), [[name, content_digest(path)] for name, path in models.items()],
+                     base, {k: list(v) for k, v in (groups or {}).items()}, zero_rtol)
 
 
 def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path,
                            groups: dict[str, tuple[str, ...]] | None = None,
                            zero_rtol: float = ZERO_RTOL) -> tuple[pl.DataFrame, bool]:
     """`weight_features`, kept in `cache_dir` by content of every model + code version; (rows, was_cached)."""
-    path = Path(cache_dir) / "weight_features" / f"{cache_key(models, base, groups, zero_rtol)}.parquet"
-    if (hit := read_cached(path, pl.read_parquet)) is not None:
-        return hit, True
-    rows = weight_features(models, base, groups, zero_rtol)
-    write_parquet(rows, path)
-    return rows, False
+    return cached_frame(cache_dir, "weight_features", ALL_MODELS, cache_key(models, base, groups, zero_rtol),
+                        lambda: weight_features(models, base, groups, zero_rtol))
