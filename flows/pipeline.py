@@ -1,8 +1,10 @@
-"""The `merge-eval` Prefect flow: config -> parents -> merges -> per-model step -> tables.
+"""The `merge-eval` Prefect flow: config -> parents -> per model: merge, load step, probing -> cross-model tables.
 
 Stage functions live in the stage packages and know nothing of Prefect; this module only composes them into
-tasks, so each stage stays testable on its own. Expensive stage results are cached by content inside the run
-directory, which is what makes an interrupted or extended run resume instead of recompute.
+tasks, so each stage stays testable on its own. Per-model tasks are submitted to the config's task runner, and a
+model that fails is left out of the later stages (flows.orchestration; docs/ORCHESTRATION.md). Expensive stage
+results are cached by content inside the run directory, which is what makes an interrupted or extended run resume
+instead of recompute.
 
 The per-model step (`model_task`) is the only place a model is loaded: once, and only when its behaviour score or
 some capture is missing; it scores behaviour, then runs every capture the run needs (probe inputs, the unlabeled
@@ -200,8 +202,8 @@ def behavior_settings(config: ExperimentConfig):
 
 
 @task(name="behavior-tables", cache_policy=NO_CACHE)
-def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], lineages: list[MergeLineage], run: RunDir,
-                         config: ExperimentConfig) -> Path:
+def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], lineages: list[MergeLineage],
+                         run: RunDir, config: ExperimentConfig) -> Path:
     """behavior.parquet and behavior_items.parquet for every model, and merge-vs-parents outcomes
     (kind=behavior) per task and group, decided by paired tests on the items."""
     from evaluation.behavior import outcome_items, outcome_scores
@@ -224,7 +226,8 @@ def report_task(run: RunDir) -> Path:
     return write_report(run.root)
 
 
-def comparable(lineages: list[MergeLineage], scored: set[str], view: str, failures: list[Failure]) -> list[MergeLineage]:
+def comparable(lineages: list[MergeLineage], scored: set[str], view: str,
+               failures: list[Failure]) -> list[MergeLineage]:
     """The merges that `view`'s outcomes can compare: the merge and every parent scored; each other merge that
     got this far is recorded as skipped, naming the parent that failed."""
     kept = []
@@ -256,8 +259,9 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     run.write_config(config, Path(config_path))
     study = run_study.with_options(task_runner=task_runner(config.orchestration))
     failures = study(config, run)
-    if failures:
-        return Failed(message=str(ModelsFailed(failures, str(run.root))), data=ModelsFailed(failures, str(run.root)))
+    if failures:  # a Failed state, not a raise: the failures are the message, no traceback is logged
+        failed = ModelsFailed(failures, str(run.root))
+        return Failed(message=str(failed), data=failed)
     return str(run.root)
 
 
