@@ -56,9 +56,26 @@ def task_runner(spec: OrchestrationSpec) -> TaskRunner:
         return DaskTaskRunner(address=spec.address)
     workers = {"n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker, "processes": True,
                "dashboard_address": None}
+    if (api := temporary_server_url()) is not None:
+        workers["env"] = {"PREFECT_API_URL": api}
     if spec.gpus_per_task:
         workers["resources"] = {"GPU": spec.gpus_per_task}
     return DaskTaskRunner(cluster_kwargs=workers)
+
+
+def temporary_server_url() -> str | None:
+    """The API of the temporary server this process runs when no PREFECT_API_URL is set (`merge-eval run`);
+    LocalCluster workers are told to use it, or each would start a temporary server of its own (seen: one per
+    worker, each a minute or more to start on a busy machine, and its task runs missing from this run's server)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process's client started (one instance per port; None: any)
+    server.start()  # a no-op when running, as it is inside the flow
+    return server.api_url
 
 
 def gpu_claim(spec: OrchestrationSpec) -> ContextManager:
