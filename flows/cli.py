@@ -16,6 +16,7 @@ from pathlib import Path
 from reports.errors import UserError, describe, is_disk_full
 
 USAGE_ERROR = 2
+MODELS_FAILED = 1
 PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
 
 
@@ -54,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.validate import validate_config
 
     config, run_dir = validate_config(args.config, args.run_dir)  # fail fast, before Prefect starts its server
+    from flows.orchestration import ModelsFailed
     from flows.pipeline import merge_eval
     from flows.run_store import RunDir
 
@@ -67,11 +69,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         if fresh:
             _discard_if_nothing_made(run_dir)
         raise
+    except ModelsFailed as failed:
+        print(f"failed: {len(failed.failures)} model stage(s); results of the others are in {run_dir} "
+              f"(tables/failures.parquet lists these):", file=sys.stderr)
+        for failure in failed.failures:
+            print(f"  {_printable(failure.line())}", file=sys.stderr)
+        _print_results(run_dir)
+        return MODELS_FAILED
+    _print_results(run_dir)
+    return 0
+
+
+def _print_results(run_dir: Path) -> None:
     print(f"results in {run_dir}")
     report = Path(run_dir) / "report" / "index.html"
     if report.is_file():
         print(f"report: {report}")
-    return 0
 
 
 def _discard_if_nothing_made(run_dir: Path) -> None:

@@ -124,6 +124,37 @@ class SimilaritySpec(Strict):
         return self
 
 
+class OrchestrationSpec(Strict):
+    """How the flow's per-model tasks run: `default` is Prefect's thread-pool runner with one worker (one model at
+    a time, as a 2-core box or a single GPU wants); `dask` is prefect-dask's runner on a LocalCluster of
+    `n_workers` processes, or on the existing cluster at `address`. `gpus_per_task` > 0 makes each model task claim
+    that many units of its Dask worker's `GPU` resource (start workers with `--resources GPU=1`, one per GPU), and
+    gives LocalCluster workers that many each. A model task that fails on anything but a user mistake is retried
+    `retries` times, waiting `retry_delay_seconds` and then twice as long each further time."""
+
+    task_runner: Literal["default", "dask"] = "default"
+    address: str | None = None
+    n_workers: Annotated[int, Field(ge=1)] = 2
+    threads_per_worker: Annotated[int, Field(ge=1)] = 1
+    gpus_per_task: Annotated[int, Field(ge=0)] = 0
+    retries: Annotated[int, Field(ge=0)] = 1
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _dask_options_need_dask(self) -> OrchestrationSpec:
+        if self.task_runner != "dask":
+            given = [key for key in ("address", "n_workers", "threads_per_worker", "gpus_per_task")
+                     if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"{given[0]} is used only with task_runner: dask "
+                                 f"(got task_runner: {self.task_runner})")
+        local = [key for key in ("n_workers", "threads_per_worker") if key in self.model_fields_set]
+        if self.address and local:
+            raise ValueError(f"{local[0]} sizes a LocalCluster; the cluster at address {self.address!r} has its "
+                             f"own workers")
+        return self
+
+
 class ExperimentConfig(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str = ""
@@ -138,6 +169,7 @@ class ExperimentConfig(Strict):
     behavior: BehaviorSpec = Field(default_factory=BehaviorSpec)
     probing: ProbingSpec = Field(default_factory=ProbingSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
+    orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
 
     @model_validator(mode="after")
     def _references(self) -> ExperimentConfig:

@@ -1,8 +1,10 @@
-"""The `merge-eval` Prefect flow: config -> parents -> merges -> per-model step -> tables.
+"""The `merge-eval` Prefect flow: config -> parents -> per model: merge, load step, probing -> cross-model tables.
 
 Stage functions live in the stage packages and know nothing of Prefect; this module only composes them into
-tasks, so each stage stays testable on its own. Expensive stage results are cached by content inside the run
-directory, which is what makes an interrupted or extended run resume instead of recompute.
+tasks, so each stage stays testable on its own. Per-model tasks are submitted to the config's task runner, and a
+model that fails is left out of the later stages (flows.orchestration; docs/ORCHESTRATION.md). Expensive stage
+results are cached by content inside the run directory, which is what makes an interrupted or extended run resume
+instead of recompute.
 
 The per-model step (`model_task`) is the only place a model is loaded: once, and only when its behaviour score or
 some capture is missing; it scores behaviour, then runs every capture the run needs (probe inputs, the unlabeled
@@ -17,8 +19,12 @@ from pathlib import Path
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
+from flows.artifacts import artifacts_task
 from flows.config import ExperimentConfig, load_config, merge_name
+from flows.orchestration import (Failure, ModelsFailed, failures_frame, gather, gpu_claim, retry_options,
+                                 task_runner)
 from flows.run_store import RunDir
 from merging import checkpoints
 from merging.checkpoints import LoadOptions, resolve_source
@@ -73,7 +79,7 @@ def preflight_task(parents: dict[str, Path], config: ExperimentConfig) -> list[s
 @task(name="weight-features", cache_policy=NO_CACHE)
 def weight_features_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
     """Streamed weight features of every pair of models into similarity.parquet (rows of other sources kept)."""
-    groups = {lineage.model: lineage.parents for lineage in merge_lineages(config)}
+    groups = {lineage.model: lineage.parents for lineage in merge_lineages(config) if lineage.model in model_dirs}
     rows, cached = cached_weight_features(model_dirs, config.base, run.cache, groups)
     get_run_logger().info("weight features: %d rows for %d models%s", rows.height, len(model_dirs),
                           " (cached)" if cached else "")
@@ -130,21 +136,25 @@ def model_task(name: str, folder: Path, run: RunDir,
     return tidy(raw, name), sample_items(raw, name)
 
 
-@task(name="probing", cache_policy=NO_CACHE)
-def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentConfig) -> Path:
-    """Layerwise probes for every model (parents and merges) from the capture store into probes.parquet, and
-    their per-item test predictions into probe_items.parquet; probe results are cached beside the captures, so
-    only new or changed models are probed again."""
+@task(name="probing", cache_policy=NO_CACHE, task_run_name="probing {name}")
+def probing_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig):
+    """Layerwise probes of one model from the capture store: its probes and probe_items rows (probing.stage
+    caches probe results beside the captures, so only new or changed models are probed again)."""
     from probing.stage import load_tasks, probe_model
 
-    logger = get_run_logger()
     spec = config.probing
-    tasks = load_tasks(spec.data, spec.tasks, warn=logger.warning)
-    results = []
-    for i, (name, folder) in enumerate(model_dirs.items(), 1):
-        logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))
-        results.append(probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
-                                   spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
+    tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # reported once, by probe_tables_task
+    get_run_logger().info("probing %s (%d tasks)", name, len(tasks))
+    return probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
+                       spec.max_length, spec.pooling, spec.controls, spec.mdl, log=get_run_logger().info)
+
+
+@task(name="probe-tables", cache_policy=NO_CACHE)
+def probe_tables_task(results: list, run: RunDir, config: ExperimentConfig) -> Path:
+    """probes.parquet and probe_items.parquet from every probed model's rows."""
+    from probing.stage import load_tasks
+
+    load_tasks(config.probing.data, config.probing.tasks, warn=get_run_logger().warning)
     write_table(run.tables, "probe_items", pl.concat([r.items for r in results]))
     return write_table(run.tables, "probes", pl.concat([r.rows for r in results], how="diagonal_relaxed"))
 
@@ -162,15 +172,13 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
 
 
 @task(name="internals-outcomes", cache_policy=NO_CACHE)
-def internals_outcomes_task(run: RunDir, config: ExperimentConfig) -> Path:
+def internals_outcomes_task(lineages: list[MergeLineage], run: RunDir, config: ExperimentConfig) -> Path:
     """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds;
     relations decided by paired tests on the probes' test items."""
     import probing.stage
     from evaluation.outcomes import cached_outcomes, compute_outcomes
     from evaluation.paired import probe_paired_tests
     from probing.stage import internals_scores
-
-    lineages = merge_lineages(config)
 
     def compute() -> pl.DataFrame:
         probes = read_table(run.tables, "probes")
@@ -199,8 +207,8 @@ def behavior_settings(config: ExperimentConfig):
 
 
 @task(name="behavior-tables", cache_policy=NO_CACHE)
-def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], run: RunDir,
-                         config: ExperimentConfig) -> Path:
+def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], lineages: list[MergeLineage],
+                         run: RunDir, config: ExperimentConfig) -> Path:
     """behavior.parquet and behavior_items.parquet for every model, and merge-vs-parents outcomes
     (kind=behavior) per task and group, decided by paired tests on the items."""
     import evaluation.behavior
@@ -210,8 +218,6 @@ def behavior_tables_task(frames: list[tuple[pl.DataFrame, pl.DataFrame]], run: R
 
     behavior, items = (pl.concat(parts) for parts in zip(*frames))
     inputs = [write_table(run.tables, "behavior", behavior), write_table(run.tables, "behavior_items", items)]
-    lineages = merge_lineages(config)
-
     def compute() -> pl.DataFrame:
         paired = behavior_paired_tests(outcome_items(behavior, items), lineages, seed=config.seed)
         return compute_outcomes(outcome_scores(behavior), lineages, "behavior", paired=paired)
@@ -229,9 +235,34 @@ def report_task(run: RunDir) -> Path:
     return write_report(run.root, cache_dir=run.cache)
 
 
+def comparable(lineages: list[MergeLineage], scored: set[str], view: str,
+               failures: list[Failure]) -> list[MergeLineage]:
+    """The merges that `view`'s outcomes can compare: the merge and every parent scored; each other merge that
+    got this far is recorded as skipped, naming the parent that failed."""
+    kept = []
+    for lineage in lineages:
+        missing = [m for m in lineage.parents if m not in scored]
+        if lineage.model in scored and not missing:
+            kept.append(lineage)
+        elif lineage.model in scored:
+            failures.append(Failure(lineage.model, f"{view} outcomes",
+                                    f"skipped: parent {', '.join(missing)} failed"))
+    return kept
+
+
+@task(name="failures", cache_policy=NO_CACHE)
+def failures_task(failures: list[Failure], run: RunDir) -> Path:
+    """failures.parquet: every model stage that failed or was skipped this run, with its reason (empty: none)."""
+    for failure in failures:
+        get_run_logger().error("failed: %s", failure.line())
+    return write_table(run.tables, "failures", failures_frame(failures))
+
+
 @flow(name="merge-eval")
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
-    """Run the whole pipeline for one experiment config; returns the run directory."""
+    """Run the whole pipeline for one experiment config; returns the run directory. Its per-model tasks run on the
+    config's `orchestration.task_runner`; when some model failed, the run completes for the others and ends
+    Failed with `ModelsFailed` (failures.parquet says which and why)."""
     config = load_config(config_path)
     run = RunDir(Path(run_dir or Path("runs") / config.name))
     with run.lock():  # one run at a time per run directory (the CLI took it already: reentrant)
@@ -240,24 +271,48 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
 
 def _run_pipeline(config: ExperimentConfig, run: RunDir, config_path: str) -> str:
     run.write_config(config, Path(config_path))
-    logger = get_run_logger()
-    model_dirs = dict(resolve_parents(config, run))
-    preflight_task(model_dirs, config)
+    study = run_study.with_options(task_runner=task_runner(config.orchestration))
+    failures = study(config, run)
+    if failures:  # a Failed state, not a raise: the failures are the message, no traceback is logged
+        failed = ModelsFailed(failures, str(run.root))
+        return Failed(message=str(failed), data=failed)
+    return str(run.root)
+
+
+@flow(name="merge-eval-study", validate_parameters=False)
+def run_study(config: ExperimentConfig, run: RunDir) -> list[Failure]:
+    """Every stage of one run: a task per model for merge, load (behaviour + captures) and probing, submitted so
+    that a concurrent task runner overlaps models; then the tables over the models that got through, the report
+    and the run's Prefect artifacts. Returns the failures."""
+    spec, failures = config.orchestration, []
+    retrying = retry_options(spec)
+    parents = dict(resolve_parents(config, run))
+    preflight_task(parents, config)
     lineages = merge_lineages(config)
-    for i, lineage in enumerate(lineages, 1):
-        logger.info("merge %d/%d: %s", i, len(lineages), lineage.model)
-        model_dirs[lineage.model] = merge_task(lineage, model_dirs, run, config)
+    merged = {lineage.model: merge_task.with_options(**retrying).submit(lineage, parents, run, config)
+              for lineage in lineages}
+    folders = {**parents, **merged}  # a merge's later tasks take its folder from its merge future
+    model_step, probe_step = model_task.with_options(**retrying), probing_task.with_options(**retrying)
+    loaded, probed = {}, {}
+    for name, folder in folders.items():
+        with gpu_claim(spec):
+            loaded[name] = model_step.submit(name, folder, run, config)
+        probed[name] = probe_step.submit(name, folder, run, config, wait_for=[loaded[name]])
+    model_dirs = {**parents, **gather(merged, "merge", failures)}
     if config.similarity.weights:
         weight_features_task(model_dirs, run, config)
-    behavior = []
-    for i, (name, folder) in enumerate(model_dirs.items(), 1):
-        logger.info("model %d/%d: %s", i, len(model_dirs), name)
-        behavior.append(model_task(name, folder, run, config))
-    behavior_tables_task(behavior, run, config)
-    probing_task(model_dirs, run, config)
-    if config.similarity.functional:
-        functional_similarity_task(model_dirs, run, config)
-    internals_outcomes_task(run, config)
+    behavior = gather(loaded, "model", failures)
+    if behavior:
+        behavior_tables_task(list(behavior.values()), comparable(lineages, set(behavior), "behavior", failures),
+                             run, config)
+    probes = gather(probed, "probing", failures)
+    if probes:
+        probe_tables_task(list(probes.values()), run, config)
+        internals_outcomes_task(comparable(lineages, set(probes), "internals", failures), run, config)
+    if config.similarity.functional and behavior:
+        functional_similarity_task({name: model_dirs[name] for name in behavior}, run, config)
+    failures_task(failures, run)
     correlations_task(run, config)
     report_task(run)
-    return str(run.root)
+    artifacts_task(config, run, failures)
+    return failures

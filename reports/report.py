@@ -25,7 +25,7 @@ from plotly.offline import get_plotlyjs
 from reports import figures, findings
 from reports.errors import UserError
 from reports.cache import cache_key, cached_outputs, code_version, content_digest
-from reports.tables import atomic_path, is_temp_name
+from reports.tables import atomic_path, is_temp_name, read_table
 
 TEMPLATE = "plotly_white"
 TABLES = ("behavior", "probes", "similarity", "outcomes", "correlations")
@@ -81,6 +81,13 @@ def load_tables(run_dir: Path) -> RunTables:
     if not tables:
         raise ReportError(f"{run_dir}: every table is missing or empty ({', '.join(TABLES)}); nothing to report")
     return RunTables(run_dir, tables, missing)
+
+
+def read_failures(run_dir: Path) -> list[dict]:
+    """failures.parquet's rows (model, stage, reason): the models a run left out; none when the run wrote no such
+    table (it predates the table)."""
+    frame = read_table(Path(run_dir) / "tables", "failures")
+    return [] if frame is None else frame.select("model", "stage", "reason").to_dicts()
 
 
 def escaped(frame: pl.DataFrame | None) -> pl.DataFrame | None:
@@ -228,7 +235,7 @@ def render(run: RunTables) -> str:
     return environment.get_template("report.html.j2").render(
         title=(config or {}).get("name") or run.root.name, description=(config or {}).get("description"),
         run_dir=str(run.root), generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        charts=charts, sections=SECTIONS, lacking=lacking, missing=run.missing,
+        charts=charts, sections=SECTIONS, lacking=lacking, missing=run.missing, failures=read_failures(run.root),
         ranking=findings.merge_ranking(outcomes) if outcomes is not None else {},
         resolved=findings.resolved_comparisons(outcomes) if outcomes is not None else [],
         significant=findings.significant_correlations(correlations) if correlations is not None else [],

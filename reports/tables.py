@@ -34,6 +34,7 @@ CONTRACT_COLUMNS: dict[str, tuple[str, ...]] = {
                      "y_kind", "reason"),
     "behavior_items": ("model", "task", "doc_id", "metric", "value"),
     "probe_items": ("model", "task", "layer", "item_id", "label", "prediction"),
+    "failures": ("model", "stage", "reason"),
 }
 
 
