@@ -7,6 +7,7 @@ and left out of the later stages; the rest of the run completes and the flow the
 
 from __future__ import annotations
 
+import logging
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,8 +55,11 @@ def task_runner(spec: OrchestrationSpec) -> TaskRunner:
 
     if spec.address:
         return DaskTaskRunner(address=spec.address)
+    # The scheduler's HTTP server (dashboard, health) cannot be switched off: keep it on the loopback interface,
+    # on a free port, like every server here. Its lifecycle lines (workers registered, closed) say nothing to a user.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     workers = {"n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker, "processes": True,
-               "dashboard_address": None}
+               "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     if (api := temporary_server_url()) is not None:
         workers["env"] = {"PREFECT_API_URL": api}
     if spec.gpus_per_task:
