@@ -12,12 +12,14 @@ similarity set) into the capture store. Probing and functional similarity read o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import console
 from flows.config import ExperimentConfig, load_config, merge_name
 from flows.run_store import RunDir
 from merging import checkpoints
@@ -113,6 +115,7 @@ def model_task(name: str, folder: Path, run: RunDir,
     from probing.hooks import HookRunner
     from probing.store import capture_model
 
+    console.install()  # this task may run in another process (a Dask worker)
     logger = get_run_logger()
     settings, options = behavior_settings(config), load_options(config)
     model = model_ref(name, folder)
@@ -124,7 +127,9 @@ def model_task(name: str, folder: Path, run: RunDir,
             raw = score_model(folder, settings, options, run.cache, loaded=loaded)
             logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
         if missing:
-            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.info)
+            started = time.perf_counter()
+            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.debug)
+            logger.info("captures %s: %d input set(s) in %.1f s", name, len(missing), time.perf_counter() - started)
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
                       json.dumps(without_samples(raw), indent=1))
     return tidy(raw, name), sample_items(raw, name)
@@ -144,7 +149,7 @@ def probing_task(model_dirs: dict[str, Path], run: RunDir, config: ExperimentCon
     for i, (name, folder) in enumerate(model_dirs.items(), 1):
         logger.info("probing %d/%d: %s (%d tasks)", i, len(model_dirs), name, len(tasks))
         results.append(probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
-                                   spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.info))
+                                   spec.max_length, spec.pooling, spec.controls, spec.mdl, log=logger.debug))
     write_table(run.tables, "probe_items", pl.concat([r.items for r in results]))
     return write_table(run.tables, "probes", pl.concat([r.rows for r in results], how="diagonal_relaxed"))
 
@@ -220,6 +225,7 @@ def report_task(run: RunDir) -> Path:
 @flow(name="merge-eval")
 def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory."""
+    console.install()
     config = load_config(config_path)
     run = RunDir(Path(run_dir or Path("runs") / config.name))
     run.write_config(config, Path(config_path))
