@@ -19,6 +19,7 @@ import yaml
 from flows import console
 
 ROOT = Path(__file__).resolve().parent.parent
+HOLMES = Path(__file__).parent / "fixtures" / "holmes"
 TIMESTAMP = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| ")  # Prefect's console format
 TQDM_BAR = re.compile(r"\d+(it|s)/(s|it)\]|\|\s*\d+/\d+ \[")
 
@@ -45,6 +46,13 @@ def run_cli(args: list[str], cwd: Path, api_url: str, verbose: bool = False) -> 
                           text=True, timeout=900)
 
 
+def quiet_environment(monkeypatch) -> None:
+    """The variables `console.install` sets in this process, restored after the test."""
+    for variable, value in console.QUIET_BARS.items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.delenv(console.VERBOSE, raising=False)
+
+
 def write_config(path: Path, family: dict[str, Path], **changes) -> Path:
     config = {
         "name": "console", "seed": 1, "precision": "float32", "device": "cpu",
@@ -63,6 +71,7 @@ def test_run_console_has_one_line_per_stage_and_model(api_url, tiny_family, tmp_
     config = write_config(tmp_path / "console.yaml", tiny_family)
     done = run_cli(["run", str(config), "--run-dir", str(tmp_path / "run")], cwd=tmp_path, api_url=api_url)
     output = done.stdout + done.stderr
+    (tmp_path / "console.txt").write_text(output)  # what a reader of this test can look at
     assert done.returncode == 0, output
     lines = [line for line in output.splitlines() if line.strip()]
     assert not [line for line in lines if TQDM_BAR.search(line)], "no progress bar when not on a terminal"
@@ -109,11 +118,31 @@ def test_user_error_inside_the_flow_is_one_line_and_exit_2(api_url, tiny_family,
     assert not (tmp_path / "run").exists(), "a run that made nothing leaves no folder behind"
 
 
+def test_probing_folder_gone_bad_mid_run_is_an_error_line(api_url, tiny_family, tmp_path, monkeypatch, capfd):
+    """A Holmes folder read whole by `validate` can change before the run reads it (here validation is told
+    nothing is wrong): the HolmesError raised inside the per-model task ends the run as `error:` and exit 2."""
+    import flows.validate
+    from flows.cli import main
+
+    data = shutil.copytree(HOLMES, tmp_path / "holmes")
+    samples = data / "pos" / "samples.csv"
+    samples.write_text(samples.read_text().replace("animals,NOUN,train,NOUN,0,0", "animals,NOUN,train,NOUN,x,0"))
+    config = write_config(tmp_path / "holmes.yaml", tiny_family, similarity={"weights": False},
+                          probing={"data": str(data), "tasks": ["pos"], "seeds": [0]})
+    monkeypatch.setattr(flows.validate, "probing_problems", lambda config: [])
+    quiet_environment(monkeypatch)
+    capfd.readouterr()
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    out, err = capfd.readouterr()
+    assert "Task run 'model base' - Finished in state Failed" in err, "raised inside the run's first model task"
+    assert "Traceback" not in out + err, out + err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {samples}: row 2: label 'x' is not a number"], err
+
+
 def test_noise_filter_drops_only_the_known_records(caplog, monkeypatch):
     """lm-eval's metadata advice is dropped at its logger; another warning of the same logger still shows."""
-    for variable, value in console.QUIET_BARS.items():
-        monkeypatch.setenv(variable, value)  # restored after the test
-    monkeypatch.delenv(console.VERBOSE, raising=False)
+    quiet_environment(monkeypatch)
     console.install()
     task_logger = logging.getLogger("lm_eval.api.task")
     with caplog.at_level(logging.WARNING):
