@@ -28,6 +28,8 @@ NOISE = (
     # The per-model step hands lm-eval its already-loaded model on purpose (one load for behaviour and captures).
     ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
     ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+    # mergekit writes the merged model's config with transformers' deprecated `torch_dtype` attribute.
+    ("transformers.configuration_utils", "`torch_dtype` is deprecated! Use `dtype` instead!"),
 )
 
 # Read by tqdm (every bar that does not set `disable` itself: lm-eval's request building, datasets), by
