@@ -85,6 +85,9 @@ def install(verbose_flag: bool = False) -> None:
     child processes too."""
     if verbose_flag:
         os.environ[VERBOSE] = "1"
+    # Stage loggers (merge_eval.*) also feed Prefect's API handler, which warns when they log outside a flow run
+    # (`merge-eval report` reading a damaged cache entry): the record itself still shows on the console.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     filters = list(_FILTERS.items()) + [(name, _SHORT_USER_ERRORS) for name in FAILURE_LOGGERS]
     if verbose():
         for name, each in filters:
