@@ -9,8 +9,10 @@ from lm-eval's result, never from a list here: every metric lm-eval reports beco
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
@@ -62,6 +64,8 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
 
     suites = [get_suite(name) for name in settings.suites]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    _follow_tqdm_switch(lm)
+    _git_hash_without_git()
     # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
     result = simple_evaluate(
         model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks]), task_manager=task_manager(suites),
@@ -69,6 +73,29 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
         numpy_random_seed=1234 + settings.seed, torch_random_seed=1234 + settings.seed,
         fewshot_random_seed=1234 + settings.seed)
     return json.loads(json.dumps(result, default=handle_non_serializable))
+
+
+# lm-eval's request types; each HFLM method takes lm-eval's own `disable_tqdm`.
+REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
+
+
+def _follow_tqdm_switch(lm) -> None:
+    """lm-eval calls its request loops with `disable_tqdm=False`, which overrides tqdm's own off switch
+    (TQDM_DISABLE, set by a quiet `merge-eval run`: flows.console); hand the switch to lm-eval's parameter."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"):
+        for name in REQUEST_TYPES:
+            setattr(lm, name, partial(getattr(lm, name), disable_tqdm=True))
+
+
+def _git_hash_without_git() -> None:
+    """lm-eval records `git describe` of the working directory (not this project's revision: config.yaml's
+    provenance has that) by running git, which prints "fatal: not a git repository" once per scored model outside
+    a checkout, with no switch to stop it. lm-eval's own fallback records the folder's commit from its .git
+    files instead, silently."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    lm_eval.evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
 
 
 def _cache_entry(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> Path:

@@ -7,17 +7,18 @@ genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from flows import console
 from reports.errors import UserError, describe, is_disk_full
 
 USAGE_ERROR = 2
 MODELS_FAILED = 1
-PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+VERBOSE_HELP = ("show everything the libraries print (their warnings, progress bars), each stage's per-task lines "
+                f"and the stack of a user mistake; the same as {console.VERBOSE}=1")
 
 
 def _offline_defaults() -> None:
@@ -41,16 +42,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-class _UserErrorsWithoutTraceback(logging.Filter):
-    """Prefect logs a failed task or flow with the exception's traceback; a `UserError`'s message is the whole
-    story (the CLI prints it again as its `error:` lines), so its records keep the message and lose the stack."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.validate import validate_config
 
@@ -59,8 +50,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import merge_eval
     from flows.run_store import RunDir
 
-    for name in PREFECT_RUN_LOGGERS:
-        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
     fresh = not run_dir.exists()
     try:
         with RunDir(run_dir).lock():  # before Prefect starts: a second run on this directory is refused at once
@@ -130,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline (a Prefect flow, in-process)")
     run.add_argument("config", type=Path)
     run.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>/")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(handler=cmd_run)
     probes = commands.add_parser("probes", help="per-layer probe curves; no --task/--model: list tasks and models")
     probes.add_argument("run_dir", type=Path)
@@ -140,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path)
     report.set_defaults(handler=cmd_report)
     serve = commands.add_parser("serve", help="serve the merge-eval/qwen and merge-eval/smollm2 deployments")
+    serve.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -147,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
     args = build_parser().parse_args(argv)
+    console.install(verbose_flag=getattr(args, "verbose", False))  # before any library import reads its switch
     try:
         return args.handler(args)
     except UserError as error:

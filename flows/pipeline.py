@@ -14,6 +14,7 @@ similarity set) into the capture store. Probing and functional similarity read o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import polars as pl
@@ -21,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from flows import console
 from flows.artifacts import artifacts_task
 from flows.config import ExperimentConfig, load_config, merge_name
 from flows.orchestration import (Failure, ModelsFailed, failures_frame, gather, gpu_claim, retry_options,
@@ -119,6 +121,7 @@ def model_task(name: str, folder: Path, run: RunDir,
     from probing.hooks import HookRunner
     from probing.store import capture_model
 
+    console.install()  # this task may run in another process (a Dask worker)
     logger = get_run_logger()
     settings, options = behavior_settings(config), load_options(config)
     model = model_ref(name, folder)
@@ -130,7 +133,9 @@ def model_task(name: str, folder: Path, run: RunDir,
             raw = score_model(folder, settings, options, run.cache, loaded=loaded)
             logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
         if missing:
-            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.info)
+            started = time.perf_counter()
+            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.debug)
+            logger.info("captures %s: %d input set(s) in %.1f s", name, len(missing), time.perf_counter() - started)
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
                       json.dumps(without_samples(raw), indent=1))
     return tidy(raw, name), sample_items(raw, name)
@@ -146,7 +151,7 @@ def probing_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig)
     tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # reported once, by probe_tables_task
     get_run_logger().info("probing %s (%d tasks)", name, len(tasks))
     return probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
-                       spec.max_length, spec.pooling, spec.controls, spec.mdl, log=get_run_logger().info)
+                       spec.max_length, spec.pooling, spec.controls, spec.mdl, log=get_run_logger().debug)
 
 
 @task(name="probe-tables", cache_policy=NO_CACHE)
@@ -263,6 +268,7 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
     """Run the whole pipeline for one experiment config; returns the run directory. Its per-model tasks run on the
     config's `orchestration.task_runner`; when some model failed, the run completes for the others and ends
     Failed with `ModelsFailed` (failures.parquet says which and why)."""
+    console.install()
     config = load_config(config_path)
     run = RunDir(Path(run_dir or Path("runs") / config.name))
     with run.lock():  # one run at a time per run directory (the CLI took it already: reentrant)

@@ -263,7 +263,8 @@ def run_capture(runner: HookRunner, inputs: InputSet, requests: Sequence[HookReq
         _store_dtype(request.reducer.dtype)
         by_hook.setdefault(request.hook, []).append(request)
     batches = inputs.batches(runner.tokenizer, batch_size)
-    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+    # a named bar shows on a terminal only (tqdm's disable=None), and clears itself when done
+    for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, leave=False):
         keep = batch.rows >= 0
         targets = batch.rows[keep]
         keep_device = keep.to(runner.device)
