@@ -11,7 +11,8 @@ with eager attention switched on, so both backends see the same computation.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -90,20 +91,27 @@ class HookRunner:
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hooks: dict[str, Hook]) -> None:
         """One forward pass calling hooks[name](activation) at each named point."""
+        with self.hooked(hooks) as forward:
+            forward(input_ids, attention_mask)
+
+    @contextmanager
+    def hooked(self, hooks: dict[str, Hook]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], None]]:
+        """Hooks registered once for many forward passes (a capture registers them once, not once per batch):
+        yields forward(input_ids, attention_mask), which calls hooks[name](activation) at each named point."""
         if self.bridge is not None:
             unknown = [name for name in hooks if name not in self.bridge.hook_dict]
             if unknown:
                 raise HookError(f"hook {unknown[0]!r}: not a hook point of the transformer-lens bridge")
-            self.bridge.run_with_hooks(input_ids, attention_mask=attention_mask, return_type=None,
-                                       fwd_hooks=[(name, lambda act, hook, f=f: f(act)) for name, f in hooks.items()])
+            with self.bridge.hooks(fwd_hooks=[(name, lambda act, hook, f=f: f(act)) for name, f in hooks.items()]):
+                yield lambda ids, mask: self.bridge(ids, attention_mask=mask, return_type=None)
             return
         points = {name: self._hf_point(name) for name in hooks}
         handles = [module.register_forward_hook(lambda mod, args, out, f=hooks[name], pick=pick: f(pick(out)))
                    for name, (module, pick) in points.items()]
         # The output head runs only when its logits are asked for (vocab × hidden per token is not free).
-        forward = self.model if LOGITS_HOOK in hooks else self.model.base_model
+        model = self.model if LOGITS_HOOK in hooks else self.model.base_model
         try:
-            forward(input_ids=input_ids, attention_mask=attention_mask)
+            yield lambda ids, mask: model(input_ids=ids, attention_mask=mask)
         finally:
             for handle in handles:
                 handle.remove()
