@@ -21,6 +21,7 @@ import psutil
 
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
+from merging import sparsify
 from reports.errors import UserError, is_disk_full, naming_full_disk
 from reports.tables import CACHE_LOG, follow_umask, read_cached, temp_dir
 
@@ -106,6 +107,7 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
+    sparsify.install()
     started = time.perf_counter()
     with naming_full_disk(out):
         build = temp_dir(out.parent, prefix=f".{out.name}-")
