@@ -136,6 +136,19 @@ def parse_family(items: list[str] | None) -> dict[str, Path]:
     return {name: Path(path) for name, path in family.items()}
 
 
+def run_sections(sections: list[str], args) -> dict:
+    family = parse_family(args.family)
+    host = machine()
+    torch.set_num_threads(1)  # the machine is shared: one thread for ours and every baseline alike
+    rows = []
+    for name in sections:
+        started = time.perf_counter()
+        rows += globals()[name](family, args.quick, args.cache)
+        print(f"[bench] {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick, "machine": host,
+            "sections": sections, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke on tiny workloads")
@@ -145,18 +158,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="no benchmarks: join the rows of earlier --only runs into one results file and table")
     args = parser.parse_args()
-    sections = args.only or [s for s in SECTIONS if s != "e2e" or args.e2e]
-    family = parse_family(args.family)
-    host = machine()
-    torch.set_num_threads(1)  # the machine is shared: one thread for ours and every baseline alike
-    rows = []
-    for name in sections:
-        started = time.perf_counter()
-        rows += globals()[name](family, args.quick, args.cache)
-        print(f"[bench] {name}: {time.perf_counter() - started:.0f} s", flush=True)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick, "machine": host,
-               "sections": sections, "rows": rows}
+    if args.combine:
+        parts = [json.loads(path.read_text()) for path in args.combine]
+        results = {**parts[0], "sections": [s for p in parts for s in p["sections"]],
+                   "rows": [r for p in parts for r in p["rows"]]}
+    else:
+        results = run_sections(args.only or [s for s in SECTIONS if s != "e2e" or args.e2e], args)
+    rows = results["rows"]
     bad = [r for r in rows if not (math.isfinite(r["ratio"]) and r["ratio"] > 0)]
     with atomic_path(args.out) as temp:
         Path(temp).write_text(json.dumps(results, indent=1, default=str))
