@@ -71,6 +71,8 @@ def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dt
     """Hash of everything a merge's result depends on: parent contents, method, parameters, seed, dtype."""
     parts = {"lineage": asdict(lineage), "seed": seed, "dtype": dtype, "mergekit": version("mergekit"),
              "digests": {name: content_digest(path) for name, path in sorted(parent_dirs.items())}}
+    if METHODS[lineage.method].mergekit_name in sparsify.MAGNITUDE_METHODS:
+        parts["sparsify"] = sparsify.KEY
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

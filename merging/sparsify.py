@@ -4,12 +4,18 @@ mergekit's `sparsify.magnitude` argsorts every task vector whole to keep its `de
 embedded SmolLM2 family that sort was ~60 % of a TIES merge (cProfile, docs/PERFORMANCE.md), and mergekit has no
 option to choose another way. `torch.topk` selects the same k entries without ordering them (3-6x faster on
 this machine). The kept set is the same except among entries of exactly equal magnitude at the cut, where
-argsort's order is unspecified too, so merges keep their cache keys. merging.merge installs it.
+either choice is "the k largest" (argsort's order among equals is unspecified too); on the embedded family such
+ties swap a few entries of size ~ the cut (|difference| <= 2e-3 in a merged TIES checkpoint). Merges whose method
+sparsifies by magnitude carry `KEY` in their cache key, so none made by mergekit's sort is reused as if it were
+ours. merging.merge installs it.
 """
 
 from __future__ import annotations
 
 import torch
+
+KEY = "topk-1"  # in the input key of merges that sparsify by magnitude: a cached merge from argsort is redone
+MAGNITUDE_METHODS = frozenset({"ties"})  # mergekit methods whose sparsification is `magnitude`
 
 
 def magnitude(tensor: torch.Tensor, density: float, rescale_norm=None) -> torch.Tensor:
