@@ -72,10 +72,10 @@ def capture(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     from bench_capture import forward_rows, similarity_row
     from probing.similarity.unlabeled import TokenWindows
 
-    rows = forward_rows(family["base"], ["noun_number"], reps=1 if quick else 3,
-                        budgets=(256,) if quick else (512, 1024, 4096))
+    rows = forward_rows(family["base"], ["noun_number"], reps=1 if quick else 2,
+                        budgets=(256,) if quick else (256, 512, 1024))
     return rows + [similarity_row(family["base"], TokenWindows(128 if quick else 1024, 64 if quick else 128),
-                                  reps=1 if quick else 2)]
+                                  reps=1)]
 
 
 def weights(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
