@@ -102,10 +102,11 @@ def forward_rows(folder: Path, task_names: list[str], batch_tokens: int = DEFAUL
              **{f"ours_{n}_tokens": ours(hooks_runner, n) for n in budgets}}
     best = {name: float("inf") for name in [*per_batch, *whole]}
     forward(batches[0]), per_batch["ours"](batches[0])  # warm-up: first-call allocations and lazy imports
-    for _ in range(reps):
+    for rep in range(reps):
         spent = dict.fromkeys(per_batch, 0.0)
-        for b in batches:
-            for name, fn in per_batch.items():
+        for i, b in enumerate(batches):
+            methods = list(per_batch.items())
+            for name, fn in methods[(rep + i) % 4:] + methods[:(rep + i) % 4]:  # each goes first in turn
                 started = time.perf_counter()
                 fn(b)
                 spent[name] += time.perf_counter() - started

@@ -96,7 +96,7 @@ def _pooling_weights(requests: Sequence[Request], offsets: np.ndarray, special: 
     return weights
 
 
-DEFAULT_BATCH_TOKENS = 2048  # tokens per forward pass, padding included (docs/PERFORMANCE.md: how it was chosen)
+DEFAULT_BATCH_TOKENS = 1024  # tokens per forward pass, padding included (docs/PERFORMANCE.md: how it was chosen)
 
 
 def token_batches(sorted_lengths: np.ndarray, batch_tokens: int, items: np.ndarray) -> Iterator[np.ndarray]:

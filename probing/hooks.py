@@ -1,11 +1,14 @@
-"""Hook points by transformer-lens name, on a loaded HF model: the bridge where it boots, an HF module map otherwise.
+"""Hook points by transformer-lens name, on a loaded HF model: an HF module map where the model has the usual
+decoder layout, the transformer-lens bridge otherwise.
 
 Names (what every capture request uses): `hook_embed` (token embeddings), `blocks.{i}.hook_resid_post` (the
 residual stream after block i, before the final norm), `blocks.{i}.attn.hook_pattern` ([batch, head, query, key]
 attention probabilities) and `hook_unembed` (the final logits). TransformerBridge provides them on every
 architecture it can boot (and forces eager attention, so patterns exist); for the others the same names map onto
 HF modules by forward hooks (embedding, decoder layer, its self-attention's weights output, the output head),
-with eager attention switched on, so both backends see the same computation.
+with eager attention switched on, so both backends see the same computation. `auto` prefers the module map: the
+bridge's own hook machinery made a pooled capture 1.66x a plain forward pass, the module map 0.86x (eager
+attention beats SDPA at these lengths; bench/run_all.py, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -47,19 +50,26 @@ def _second(out):
 
 
 class HookRunner:
-    """Runs a loaded model with callbacks on named hook points; `backend` auto = the bridge when it boots."""
+    """Runs a loaded model with callbacks on named hook points; `backend` auto = torch hooks on the HF module map
+    where the model has one (`decoder.layers[i].self_attn`), the transformer-lens bridge otherwise."""
 
     def __init__(self, model, tokenizer, backend: str = "auto"):
         if backend not in BACKENDS:
             raise HookError(f"unknown hook backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.model, self.tokenizer = model, tokenizer
-        self.bridge = self._boot_bridge(model, tokenizer) if backend != "torch-hooks" else None
+        bridge = backend == "transformer-lens" or (backend == "auto" and not self._has_module_map(model))
+        self.bridge = self._boot_bridge(model, tokenizer) if bridge else None
         if backend == "transformer-lens" and self.bridge is None:
             raise HookError(f"transformer-lens cannot boot {model.config.model_type!r}")
         if self.bridge is None and model.config._attn_implementation != "eager":
             model.set_attn_implementation("eager")  # attention weights exist only in eager attention
         self.n_blocks = model.config.num_hidden_layers
         self.device = next(model.parameters()).device
+
+    @staticmethod
+    def _has_module_map(model) -> bool:
+        layers = getattr(model.base_model, "layers", None)
+        return bool(layers) and all(hasattr(layer, "self_attn") for layer in layers)
 
     @staticmethod
     def _boot_bridge(model, tokenizer):
