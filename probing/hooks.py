@@ -6,9 +6,9 @@ residual stream after block i, before the final norm), `blocks.{i}.attn.hook_pat
 attention probabilities) and `hook_unembed` (the final logits). TransformerBridge provides them on every
 architecture it can boot (and forces eager attention, so patterns exist); for the others the same names map onto
 HF modules by forward hooks (embedding, decoder layer, its self-attention's weights output, the output head),
-with eager attention switched on, so both backends see the same computation. `auto` prefers the module map: the
-bridge's own hook machinery made a pooled capture 1.66x a plain forward pass, the module map 0.86x (eager
-attention beats SDPA at these lengths; bench/run_all.py, docs/PERFORMANCE.md).
+with eager attention switched on, so both backends see the same computation. `auto` prefers the module map: it
+was never slower than the bridge in the capture bench, and in one run the bridge took 1.66x a plain forward pass
+against the module map's 0.86x (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
