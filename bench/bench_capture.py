@@ -1,38 +1,33 @@
-"""Benchmark the similarity capture on the real embedded base model (SmolLM2-135M), baselines in the same run:
+"""Benchmark the capture on the real embedded base model (SmolLM2-135M), baselines interleaved in the same run:
 
-1. cost: one capture pass of every similarity request (31 layers' token states in bf16, 30 blocks' attention
-   patterns, top-k next-token log-probs) over the unlabeled set vs a plain HF forward pass of the same token
-   windows (default SDPA attention, logits computed, nothing kept): time ratio, peak RSS growth, stored bytes.
-2. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax (torch.distributions)
+1. forward: our probe capture (every layer pooled, batches of `--batch-tokens` tokens) vs a plain forward pass
+   of the same batches (nothing kept) vs HF `output_hidden_states=True` on them, vs our capture in the previous
+   batches of 32 sentences, and across token budgets; tokens/s and GFLOP/s against the machine's matmul
+   throughput (a [batch_tokens, d] x [d, mlp] product). 1 torch thread for all (the machine is shared).
+2. similarity: the similarity capture (31 layers' token states in bf16, 30 blocks' attention patterns, top-k
+   next-token log-probs) over the unlabeled windows vs a plain forward pass of them with logits (nothing kept).
+3. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax (torch.distributions)
    for the ordered pairs (base‖instruct, instruct‖math, math‖base): per-token error and relative error of the
    mean KL, for several k.
 
-    python bench/bench_capture.py [--tokens 2048] [--window 128] [--parts cost kl] [--top-k 64 256 1024]
+    python bench/bench_capture.py [--parts forward similarity kl] [--tasks noun_number] [--batch-tokens 2048] [--top-k 64 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from measure import timed
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
-from probing.capture import Batch, TopK
-from probing.hooks import HookRunner
-from probing.similarity.functional import functional_jobs, topk_kl
+from probing.capture import DEFAULT_BATCH_TOKENS, Batch, HookRequest, Pool, PooledInputs, TopK, run_capture
+from probing.hooks import HookRunner, layer_hooks
+from probing.similarity.functional import topk_kl
 from probing.similarity.unlabeled import TokenWindows
-from probing.store import CaptureStore, capture_model, model_ref
-
-
-def plain_forward(model, ids: torch.Tensor, batch_size: int) -> None:
-    with torch.inference_mode():
-        for begin in range(0, len(ids), batch_size):
-            model(input_ids=ids[begin:begin + batch_size])
+from probing.stage import load_tasks, probe_inputs
 
 
 def full_logits(folder: Path, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -41,43 +36,163 @@ def full_logits(folder: Path, ids: torch.Tensor, batch_size: int) -> torch.Tenso
         return torch.cat([model(input_ids=ids[b:b + batch_size]).logits for b in range(0, len(ids), batch_size)])
 
 
+class SentenceBatches:
+    """The previous batching, as an input set: `size` texts per pass, sorted by length, padded to the longest."""
+
+    def __init__(self, inputs: PooledInputs, size: int = 32):
+        self.inputs, self.size = inputs, size
+        self.name, self.digest, self.max_length, self.n_rows = inputs.name, "", inputs.max_length, inputs.n_rows
+
+    def batches(self, tokenizer, _batch_tokens: int):
+        whole = next(self.inputs.batches(tokenizer, 2**62))  # every text in one sorted, padded batch
+        for b in range(0, len(whole.input_ids), self.size):
+            seq = int(whole.attention_mask[b:b + self.size].sum(1).max())
+            yield Batch(whole.input_ids[b:b + self.size, :seq], whole.attention_mask[b:b + self.size, :seq],
+                        whole.rows[b:b + self.size], whole.weights[b:b + self.size, :, :seq])
+
+
+class OneBatch:
+    """One prepared batch as an input set (its rows index the whole set's buffers)."""
+
+    def __init__(self, batch: Batch):
+        self.batch, self.name, self.digest, self.max_length = batch, "one batch", "", batch.input_ids.shape[1]
+        self.n_rows = int(batch.rows.max()) + 1
+
+    def batches(self, tokenizer, _batch_tokens: int):
+        yield self.batch
+
+
+def matmul_gflops(tokens: int, d: int, hidden: int, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of a [tokens, d] x [d, hidden] float32 matmul (the MLP's shape) over ~`seconds`."""
+    a, b = torch.randn(tokens, d), torch.randn(d, hidden)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * tokens * d * hidden / best / 1e9
+
+
+def forward_rows(folder: Path, task_names: list[str], batch_tokens: int = DEFAULT_BATCH_TOKENS, reps: int = 3,
+                 budgets: tuple[int, ...] = (256, 512, 1024), log=print) -> list[dict]:
+    """Rows for bench/run_all.py: each method timed `reps` times interleaved with the others, best time kept."""
+    model, tokenizer = load_model(folder, LoadOptions())
+    hooks_runner = HookRunner(*load_model(folder, LoadOptions()), backend="torch-hooks")
+    bridge_runner = HookRunner(*load_model(folder, LoadOptions()))
+    tasks = load_tasks("bundled", task_names)
+    inputs = [probe_inputs(task, "mean", 128)[0] for task in tasks]
+    requests = [HookRequest(hook, Pool()) for hook in layer_hooks(hooks_runner.n_blocks)]
+    batches = [b for i in inputs for b in i.batches(tokenizer, batch_tokens)]
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    padded = sum(b.input_ids.numel() for b in batches)
+
+    def forward(b, **kwargs):
+        with torch.inference_mode():
+            model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
+
+    def ours(runner, budget=batch_tokens, wrap=lambda i: i):
+        return lambda: [run_capture(runner, wrap(i), requests, budget) for i in inputs]
+
+    # Same batches: interleaved batch by batch, so all three see the same load on a shared machine.
+    per_batch = {"plain": forward, "hidden_states": lambda b: forward(b, output_hidden_states=True),
+                 "ours": lambda b: run_capture(hooks_runner, OneBatch(b), requests),
+                 "ours_bridge": lambda b: run_capture(bridge_runner, OneBatch(b), requests)}
+    # Other batchings: interleaved run by run.
+    whole = {"ours_whole": ours(hooks_runner), "ours_32_sentences": ours(hooks_runner, wrap=SentenceBatches),
+             **{f"ours_{n}_tokens": ours(hooks_runner, n) for n in budgets}}
+    best = {name: float("inf") for name in [*per_batch, *whole]}
+    forward(batches[0]), per_batch["ours"](batches[0])  # warm-up: first-call allocations and lazy imports
+    for rep in range(reps):
+        spent = dict.fromkeys(per_batch, 0.0)
+        for i, b in enumerate(batches):
+            methods = list(per_batch.items())
+            for name, fn in methods[(rep + i) % 4:] + methods[:(rep + i) % 4]:  # each goes first in turn
+                started = time.perf_counter()
+                fn(b)
+                spent[name] += time.perf_counter() - started
+        for name, fn in whole.items():
+            started = time.perf_counter()
+            fn()
+            spent[name] = time.perf_counter() - started
+        best = {name: min(best[name], spent[name]) for name in best}
+    config = model.config
+    params = sum(p.numel() for n, p in model.base_model.named_parameters() if "embed" not in n)
+    flops = 2 * params * padded  # the weight matmuls; attention at <= 128 tokens adds < 5%
+    peak = matmul_gflops(min(batch_tokens, 4096), config.hidden_size, config.intermediate_size)
+    achieved = flops / best["plain"] / 1e9
+    workload = (f"{len(batches)} batches of <= {batch_tokens} tokens, {tokens} tokens ({padded} with padding), "
+                f"{', '.join(task_names)}; 31 layers pooled; 1 thread")
+    log(f"forward: {workload}; plain {tokens / best['plain']:.0f} tokens/s = {achieved:.1f} GFLOP/s, matmul "
+        f"{peak:.1f} GFLOP/s ({achieved / peak:.0%})")
+
+    def row(name, ours_label, baseline, baseline_label, quality="identical values (tests/test_capture.py)"):
+        return {"section": "capture", "workload": workload, "ours": ours_label, "ours_s": best[name],
+                "baseline": baseline_label, "baseline_s": best[baseline], "ratio": best[baseline] / best[name],
+                "quality": quality, "tokens_per_s": tokens / best[name]}
+
+    rows = [row("ours", "capture, torch hooks", "plain", "plain forward (SDPA, nothing kept)",
+                f"plain forward: {achieved:.1f} GFLOP/s, {achieved / peak:.0%} of matmul {peak:.1f} GFLOP/s"),
+            row("ours", "capture, torch hooks", "hidden_states", "output_hidden_states=True"),
+            row("ours_bridge", "capture, transformer-lens bridge", "plain", "plain forward"),
+            row("ours_whole", f"capture, {batch_tokens}-token batches", "ours_32_sentences",
+                "capture, 32-sentence batches")]
+    rows += [row(f"ours_{n}_tokens", f"capture, {n}-token batches", "ours_whole",
+                 f"capture, {batch_tokens}-token batches") for n in budgets]
+    return rows
+
+
+def similarity_row(folder: Path, windows: TokenWindows, reps: int = 2) -> dict:
+    from probing.similarity.functional import functional_jobs
+
+    model, tokenizer = load_model(folder, LoadOptions())
+    runner = HookRunner(*load_model(folder, LoadOptions()))
+    ids = windows.token_ids(tokenizer)
+    job = functional_jobs(windows, runner.n_blocks)[0]
+    per_pass = max(1, job.batch_tokens // windows.window)
+
+    def plain():
+        with torch.inference_mode():
+            for b in range(0, len(ids), per_pass):
+                model(input_ids=ids[b:b + per_pass])
+
+    methods = {"plain": plain, "ours": lambda: run_capture(runner, windows, job.requests, job.batch_tokens)}
+    best = {name: float("inf") for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {"section": "capture", "workload": f"similarity set: {ids.numel()} tokens in windows of {windows.window}; "
+            f"{job.batch_tokens}-token batches; {len(job.requests)} hooks; 1 thread",
+            "ours": f"similarity capture ({runner.backend}, eager attention)", "ours_s": best["ours"],
+            "baseline": "plain forward with logits (SDPA)", "baseline_s": best["plain"],
+            "ratio": best["plain"] / best["ours"], "quality": "equal to HF outputs (tests/test_capture_store.py)",
+            "tokens_per_s": ids.numel() / best["ours"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per pass for the KL logits")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
+    parser.add_argument("--tasks", nargs="+", default=["noun_number"])
     parser.add_argument("--models", nargs="+", default=["base", "instruct", "math"])
     parser.add_argument("--top-k", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--parts", nargs="+", choices=["cost", "kl"], default=["cost", "kl"])
+    parser.add_argument("--parts", nargs="+", choices=["forward", "similarity", "kl"],
+                        default=["forward", "similarity", "kl"])
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(1)
     family = build_family(tuple(dict.fromkeys(["base", *args.models])))
-    windows = TokenWindows(args.tokens, args.window)
-    if "cost" in args.parts:
-        capture_cost(family["base"], windows, args.batch_size)
+    if "forward" in args.parts:
+        for r in forward_rows(family["base"], args.tasks, args.batch_tokens):
+            print(f"  {r['ours']:40} {r['ours_s']:7.2f} s ({r['tokens_per_s']:6.0f} tokens/s)  vs "
+                  f"{r['baseline']:40} {r['baseline_s']:7.2f} s  speed-up {r['ratio']:.2f}x")
+    if "similarity" in args.parts:
+        r = similarity_row(family["base"], TokenWindows(args.tokens, args.window))
+        print(f"  {r['ours']} {r['ours_s']:.2f} s vs {r['baseline']} {r['baseline_s']:.2f} s: {r['ratio']:.2f}x")
     if "kl" in args.parts:
-        kl_error(family, windows, args)
-
-
-def capture_cost(folder: Path, windows: TokenWindows, batch_size: int) -> None:
-    plain_model, tokenizer = load_model(folder, LoadOptions())
-    ids = windows.token_ids(tokenizer)
-    plain_forward(plain_model, ids[:1], 1)  # warm-up
-    _, plain_s, plain_mb = timed(lambda: plain_forward(plain_model, ids, batch_size))
-    del plain_model
-
-    model = model_ref("base", folder)
-    runner = HookRunner(*load_model(folder, LoadOptions()))
-    jobs = functional_jobs(windows, model.n_blocks, batch_size=batch_size)
-    with tempfile.TemporaryDirectory() as scratch:
-        store = CaptureStore(Path(scratch))
-        _, capture_s, capture_mb = timed(lambda: capture_model(runner, model, jobs, store, "float32", log=print))
-        stored = sum(p.stat().st_size for p in Path(scratch).rglob("*.safetensors"))
-    n = ids.numel()
-    print(f"similarity capture [{runner.backend}] on {n} tokens ({len(ids)} windows of {windows.window}):")
-    print(f"  plain forward  {plain_s:7.2f} s  peak RSS +{plain_mb:6.1f} MB")
-    print(f"  capture pass   {capture_s:7.2f} s  peak RSS +{capture_mb:6.1f} MB  time ratio "
-          f"{capture_s / plain_s:.2f}x  stored {stored / 2**20:.1f} MB ({stored / n / 1024:.1f} KiB/token)")
+        kl_error(family, TokenWindows(args.tokens, args.window), args)
 
 
 def kl_error(family: dict[str, Path], windows: TokenWindows, args) -> None:

@@ -29,11 +29,13 @@ from threadpoolctl import threadpool_limits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import f1_score, log_loss
 
-from merging.checkpoints import LoadOptions, content_digest, load_model
+from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
-from probing.capture import LayerRunner, cached_capture, capture, capture_key, task_features, task_requests
+from probing.capture import probe_inputs, task_features
+from probing.hooks import HookRunner
 from probing.probes import C_GRID, Split, control_labels, probe_classification, probe_regression, standardise
-from probing.stage import control_keys, load_tasks
+from probing.stage import control_keys, load_tasks, probe_jobs
+from probing.store import CaptureStore, capture_model, model_ref
 from reports.tables import atomic_path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -42,22 +44,21 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 SKLEARN_TOL = 1e-6  # and float64 input: on float32 lbfgs stays in float32, and items at |logit| ~ 1e-4 flip
 
 
-def task_feature_sets(names: list[str] | None) -> list[tuple[object, torch.Tensor]]:
-    """(task, [L, n_items, d] features) of the base model, captured once into bench/.cache/captures."""
-    folder = build_family(("base",))["base"]
-    digest, options, runner = content_digest(folder), LoadOptions(), None
+def task_feature_sets(names: list[str] | None, folder: Path | None = None,
+                      cache: Path = CACHE) -> list[tuple[object, torch.Tensor]]:
+    """(task, [L, n_items, d] features) of the base model, captured once into `cache`/captures."""
+    folder = folder or build_family(("base",))["base"]
+    model, options = model_ref("base", folder), LoadOptions()
+    store = CaptureStore(cache / "captures")
+    tasks = load_tasks("bundled", names)
+    jobs = probe_jobs(tasks, model.n_blocks)
+    missing = store.missing(jobs, model.digest, options.precision)
+    if missing:
+        capture_model(HookRunner(*load_model(folder, options)), model, missing, store, options.precision)
     out = []
-    for task in load_tasks("bundled", names):
-        requests, index = task_requests(task)
-
-        def compute(requests=requests):
-            nonlocal runner
-            runner = runner or LayerRunner(*load_model(folder, options))
-            return capture(runner, requests, progress=task.name)
-
-        key = capture_key(digest, task, "mean", 128, options.precision)
-        pooled = cached_capture(CACHE / "captures", key, compute, {"task": task.name, "model_digest": digest})
-        out.append((task, task_features(pooled, index)))
+    for task, job in zip(tasks, jobs):
+        pooled = torch.stack([store.load(job.key(r, model.digest, options.precision))["value"] for r in job.requests])
+        out.append((task, task_features(pooled, probe_inputs(task, "mean", 128)[1])))
     return out
 
 
@@ -158,14 +159,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="*", default=None, help="bundled task names (default: all)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="control-task seeds")
-    parser.add_argument("--out", type=Path, default=CACHE / "bench_probes.json")
-    args = parser.parse_args()
-    feature_sets = task_feature_sets(args.tasks)  # capture (or load) first: not part of any timing
-    host = machine()
+def measure_tasks(feature_sets: list[tuple[object, torch.Tensor]], seeds: list[int]) -> list[dict]:
+    """Per task: ours, the scikit-learn loop and the Holmes-style probe, one after the other, 1 thread each."""
     torch.set_num_threads(1)  # the machine is shared: one thread for ours and both baselines alike
     rows = []
     with threadpool_limits(1):
@@ -173,7 +168,7 @@ def main() -> None:
             torch.manual_seed(0)
             split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
             x = standardise(features, split.train)
-            controls = np.stack([control_labels(control_keys(task), task.labels, s) for s in args.seeds])
+            controls = np.stack([control_labels(control_keys(task), task.labels, s) for s in seeds])
             if task.regression:
                 ours, ours_s = timed(lambda: probe_regression(x, task.labels, controls, split))
                 (ref, _), ref_s = timed(lambda: sklearn_ridge(x.double().numpy(), task.labels, controls, split, C_GRID))
@@ -196,6 +191,18 @@ def main() -> None:
                   f"holmes {holmes_s:6.2f} s ({holmes_s / ours_s:5.1f}x)  max |diff| vs sklearn "
                   f"{rows[-1]['max_diff_vs_sklearn'] * 100:.2f} points, vs holmes "
                   f"{rows[-1]['max_diff_vs_holmes'] * 100:.1f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="*", default=None, help="bundled task names (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="control-task seeds")
+    parser.add_argument("--out", type=Path, default=CACHE / "bench_probes.json")
+    args = parser.parse_args()
+    feature_sets = task_feature_sets(args.tasks)  # capture (or load) first: not part of any timing
+    host = machine()
+    rows = measure_tasks(feature_sets, args.seeds)
     total = {k: sum(r[k] for r in rows) for k in ("ours_s", "sklearn_s", "holmes_s")}
     summary = {
         "workload": f"{len(rows)} bundled tasks of the embedded base model: every layer x C grid {list(C_GRID)} "

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,10 +52,8 @@ def whole(paths: dict) -> dict:
     return out
 
 
-def child(mode: str, names: list[str]) -> None:
-    from merging.family import build_family
-
-    paths = build_family(tuple(names))
+def child(mode: str, items: list[str]) -> None:
+    paths = {name: Path(path) for name, path in (item.split("=", 1) for item in items)}
     started = time.perf_counter()
     values = (streamed if mode == "streamed" else whole)(paths)
     seconds = time.perf_counter() - started
@@ -61,32 +61,39 @@ def child(mode: str, names: list[str]) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, "values": values}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["base", "instruct", "math", "code"])
-    parser.add_argument("--child", choices=["streamed", "whole"])
-    args = parser.parse_args()
-    if args.child:
-        return child(args.child, args.models)
-    from merging.family import build_family
-
-    build_family(tuple(args.models))  # build outside the timed children
+def compare(family: dict) -> dict:
+    """Both approaches, each in a fresh subprocess (1 torch thread), as a bench/run_all.py row."""
+    items = [f"{name}={path}" for name, path in family.items()]
     results = {}
     for mode in ("whole", "streamed"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--models", *args.models],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--paths", *items], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     diff = max(abs(x - y) for key in results["whole"]["values"]
                for x, y in zip(results["whole"]["values"][key], results["streamed"]["values"][key]))
     w, s = results["whole"], results["streamed"]
-    print(f"models: {', '.join(args.models)} (torch threads: {torch.get_num_threads()})")
-    print(f"{'':10}{'seconds':>10}{'peak RSS MB':>14}")
-    for mode in ("whole", "streamed"):
-        print(f"{mode:10}{results[mode]['seconds']:>10.1f}{results[mode]['peak_rss_mb']:>14.0f}")
-    print(f"ratio streamed/whole: time {s['seconds'] / w['seconds']:.2f}, peak RSS "
-          f"{s['peak_rss_mb'] / w['peak_rss_mb']:.2f}; max |difference| of global features {diff:.1e}")
     if not np.isfinite(diff) or diff > 1e-6:
-        sys.exit("streamed and whole-model features disagree")
+        sys.exit(f"streamed and whole-model features disagree by {diff}")
+    return {"section": "weights", "workload": f"global weight features of {len(family)} checkpoints "
+            f"({', '.join(family)}), pairwise", "ours": f"streamed (peak RSS {s['peak_rss_mb']:.0f} MB)",
+            "ours_s": s["seconds"], "baseline": f"whole state dicts (peak RSS {w['peak_rss_mb']:.0f} MB)",
+            "baseline_s": w["seconds"], "ratio": w["seconds"] / s["seconds"],
+            "quality": f"max |feature diff| {diff:.1e}; peak RSS ratio {s['peak_rss_mb'] / w['peak_rss_mb']:.2f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["base", "instruct", "math", "code"])
+    parser.add_argument("--child", choices=["streamed", "whole"])
+    parser.add_argument("--paths", nargs="+", help="name=DIR (children only)")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.paths)
+    from merging.family import build_family
+
+    row = compare(build_family(tuple(args.models)))
+    print(f"{row['workload']}\n  {row['ours']}: {row['ours_s']:.1f} s\n  {row['baseline']}: {row['baseline_s']:.1f} s"
+          f"\n  ratio {row['ratio']:.2f}; {row['quality']}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from lm-eval's result, never from a list here: every metric lm-eval reports beco
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -51,6 +52,16 @@ class BehaviorSettings:
                          {name: get_suite(name).digest() for name in self.suites})
 
 
+def env_report_once() -> None:
+    """lm-eval's simple_evaluate adds torch's environment report to every result, and torch builds it by running
+    pip, conda and GPU probes in subprocesses (~3 s per model on the shared 2-core machine, bench/bench_behavior.py);
+    within one process it cannot change, so the first one is kept for the process's other models."""
+    import torch.utils.collect_env as collect_env
+
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
+        collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
+
+
 def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
     """lm-eval's `simple_evaluate` on an in-memory model; returns its result made JSON-serialisable.
 
@@ -62,6 +73,7 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
+    env_report_once()
     suites = [get_suite(name) for name in settings.suites]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     _follow_tqdm_switch(lm)

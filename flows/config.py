@@ -100,7 +100,8 @@ class ProbingSpec(Strict):
     data: str = "bundled"  # "bundled" or a folder of Holmes/FlashHolmes datasets
     tasks: list[str] | None = None  # None: every task found
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    # capture: tokens per forward pass, padding included (= probing.capture.DEFAULT_BATCH_TOKENS; config stays torch-free)
+    batch_tokens: Annotated[int, Field(ge=16)] = 1024
     max_length: Annotated[int, Field(ge=8)] = 128
     controls: bool = True
     mdl: bool = False

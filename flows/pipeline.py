@@ -104,7 +104,7 @@ def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
 
     spec = config.probing
     tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # the probing task reports unknown datasets
-    jobs = probe_jobs(tasks, model.n_blocks, spec.pooling, spec.max_length, spec.batch_size)
+    jobs = probe_jobs(tasks, model.n_blocks, spec.pooling, spec.max_length, spec.batch_tokens)
     if config.similarity.functional:
         from probing.similarity.functional import functional_jobs
 

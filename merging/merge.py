@@ -17,10 +17,11 @@ from pathlib import Path
 
 import psutil
 
+from merging import sparsify
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
-from reports.errors import UserError, is_disk_full
 from reports.cache import cache_key, record
+from reports.errors import UserError, is_disk_full
 from reports.tables import CACHE_LOG, atomic_dir, read_cached
 
 MANIFEST = "manifest.json"
@@ -68,8 +69,9 @@ class PeakRss:
 
 def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dtype: str) -> str:
     """Hash of everything a merge's result depends on: parent contents, method, parameters, seed, dtype."""
+    sparsified = sparsify.KEY if METHODS[lineage.method].mergekit_name in sparsify.MAGNITUDE_METHODS else None
     return cache_key("merge", MERGE_VERSION, asdict(lineage), seed, dtype, version("mergekit"),
-                     {name: content_digest(path) for name, path in parent_dirs.items()})
+                     {name: content_digest(path) for name, path in parent_dirs.items()}, sparsified)
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -108,6 +110,7 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
+    sparsify.install()
     started = time.perf_counter()
     with atomic_dir(out) as build:
         with PeakRss() as memory:

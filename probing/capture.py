@@ -96,6 +96,21 @@ def _pooling_weights(requests: Sequence[Request], offsets: np.ndarray, special: 
     return weights
 
 
+DEFAULT_BATCH_TOKENS = 1024  # tokens per forward pass, padding included (docs/PERFORMANCE.md: how it was chosen)
+
+
+def token_batches(sorted_lengths: np.ndarray, batch_tokens: int, items: np.ndarray) -> Iterator[np.ndarray]:
+    """Consecutive runs of `items` (sorted by ascending length) whose padded size, count × longest, stays within
+    `batch_tokens`; an item longer than the budget goes alone."""
+    begin = 0
+    while begin < len(items):
+        end = begin + 1
+        while end < len(items) and (end - begin + 1) * sorted_lengths[end] <= batch_tokens:
+            end += 1
+        yield items[begin:end]
+        begin = end
+
+
 @dataclass
 class Batch:
     """One forward pass: right-padded ids, and where each item's reduced rows go (`rows` [B, R], -1 = none)."""
@@ -113,7 +128,7 @@ class PooledInputs:
         self.requests, self.max_length, self.digest, self.name = list(requests), max_length, digest, name
         self.n_rows = len(self.requests)
 
-    def batches(self, tokenizer, batch_size: int) -> Iterator[Batch]:
+    def batches(self, tokenizer, batch_tokens: int) -> Iterator[Batch]:
         requests = self.requests
         texts = sorted({r.text for r in requests})
         by_text: dict[str, list[int]] = {t: [] for t in texts}
@@ -121,10 +136,10 @@ class PooledInputs:
             by_text[request.text].append(i)
         encoded = tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
                             return_special_tokens_mask=True)
-        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
         pad = tokenizer.pad_token_id
-        for begin in range(0, len(order), batch_size):
-            batch = order[begin:begin + batch_size]
+        for batch in token_batches(lengths[order], batch_tokens, order):
             seq = max(len(encoded["input_ids"][t]) for t in batch)
             width = max(len(by_text[texts[t]]) for t in batch)
             ids = torch.full((len(batch), seq), pad, dtype=torch.long)
@@ -251,48 +266,51 @@ class InputSet(Protocol):
     max_length: int
     n_rows: int
 
-    def batches(self, tokenizer, batch_size: int) -> Iterator[Batch]: ...
+    def batches(self, tokenizer, batch_tokens: int) -> Iterator[Batch]: ...
 
 
-def run_capture(runner: HookRunner, inputs: InputSet, requests: Sequence[HookRequest], batch_size: int = 32,
-                progress: str | None = None) -> dict[HookRequest, dict[str, torch.Tensor]]:
-    """One forward pass per batch for all requests; each reduced output lands on the CPU in its storage dtype."""
+def run_capture(runner: HookRunner, inputs: InputSet, requests: Sequence[HookRequest],
+                batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: str | None = None
+                ) -> dict[HookRequest, dict[str, torch.Tensor]]:
+    """One forward pass per batch of ≈ `batch_tokens` tokens for all requests, hooks registered once; each reduced
+    output lands on the CPU in its storage dtype. Batching changes no value (right padding, causal model)."""
     outputs: dict[HookRequest, dict[str, torch.Tensor]] = {r: {} for r in requests}
     by_hook: dict[str, list[HookRequest]] = {}
     for request in requests:
         _store_dtype(request.reducer.dtype)
         by_hook.setdefault(request.hook, []).append(request)
-    batches = inputs.batches(runner.tokenizer, batch_size)
-    # a named bar shows on a terminal only (tqdm's disable=None), and clears itself when done
-    for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, leave=False):
-        keep = batch.rows >= 0
-        targets = batch.rows[keep]
-        keep_device = keep.to(runner.device)
-        if batch.weights is not None:
-            batch.weights = batch.weights.to(runner.device)
+    current: dict = {}  # the batch in flight, read by the hooks
 
-        def on_hook(act: torch.Tensor, hook_requests: list[HookRequest]) -> None:
-            for request in hook_requests:
-                for name, value in request.reducer(act, batch).items():
-                    value = value[keep_device].cpu()
-                    buffer = outputs[request].get(name)
-                    if buffer is None:
-                        dtype = _store_dtype(request.reducer.dtype) if value.is_floating_point() else value.dtype
-                        buffer = outputs[request][name] = torch.zeros((inputs.n_rows, *value.shape[1:]), dtype=dtype)
-                    buffer[targets] = value.to(buffer.dtype)
+    def on_hook(act: torch.Tensor, hook_requests: list[HookRequest]) -> None:
+        batch, keep, targets = current["batch"], current["keep"], current["targets"]
+        for request in hook_requests:
+            for name, value in request.reducer(act, batch).items():
+                value = value[keep].cpu()
+                buffer = outputs[request].get(name)
+                if buffer is None:
+                    dtype = _store_dtype(request.reducer.dtype) if value.is_floating_point() else value.dtype
+                    buffer = outputs[request][name] = torch.zeros((inputs.n_rows, *value.shape[1:]), dtype=dtype)
+                buffer[targets] = value.to(buffer.dtype)
 
-        hooks = {hook: lambda act, rs=rs: on_hook(act, rs) for hook, rs in by_hook.items()}
-        with torch.inference_mode():
-            runner.run(batch.input_ids.to(runner.device), batch.attention_mask.to(runner.device), hooks)
+    hooks = {hook: lambda act, rs=rs: on_hook(act, rs) for hook, rs in by_hook.items()}
+    batches = inputs.batches(runner.tokenizer, batch_tokens)
+    with torch.inference_mode(), runner.hooked(hooks) as forward:
+        # a named bar shows on a terminal only (tqdm's disable=None), and clears itself when done
+        for batch in tqdm(batches, desc=progress, disable=True if progress is None else None, leave=False):
+            keep = batch.rows >= 0
+            if batch.weights is not None:
+                batch.weights = batch.weights.to(runner.device)
+            current.update(batch=batch, keep=keep.to(runner.device), targets=batch.rows[keep])
+            forward(batch.input_ids.to(runner.device), batch.attention_mask.to(runner.device))
     return outputs
 
 
-def capture(runner: HookRunner, requests: Sequence[Request], batch_size: int = 32, max_length: int = 128,
-            progress: str | None = None) -> torch.Tensor:
+def capture(runner: HookRunner, requests: Sequence[Request], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+            max_length: int = 128, progress: str | None = None) -> torch.Tensor:
     """[n_layers, len(requests), d] float32 pooled representations of every probing layer."""
     inputs = PooledInputs(requests, max_length, digest="")
     hook_requests = [HookRequest(hook, Pool()) for hook in layer_hooks(runner.n_blocks)]
-    out = run_capture(runner, inputs, hook_requests, batch_size, progress)
+    out = run_capture(runner, inputs, hook_requests, batch_tokens, progress)
     return torch.stack([out[r]["value"] for r in hook_requests])
 
 

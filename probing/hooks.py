@@ -1,17 +1,21 @@
-"""Hook points by transformer-lens name, on a loaded HF model: the bridge where it boots, an HF module map otherwise.
+"""Hook points by transformer-lens name, on a loaded HF model: an HF module map where the model has the usual
+decoder layout, the transformer-lens bridge otherwise.
 
 Names (what every capture request uses): `hook_embed` (token embeddings), `blocks.{i}.hook_resid_post` (the
 residual stream after block i, before the final norm), `blocks.{i}.attn.hook_pattern` ([batch, head, query, key]
 attention probabilities) and `hook_unembed` (the final logits). TransformerBridge provides them on every
 architecture it can boot (and forces eager attention, so patterns exist); for the others the same names map onto
 HF modules by forward hooks (embedding, decoder layer, its self-attention's weights output, the output head),
-with eager attention switched on, so both backends see the same computation.
+with eager attention switched on, so both backends see the same computation. `auto` prefers the module map: it
+was never slower than the bridge in the capture bench, and in one run the bridge took 1.66x a plain forward pass
+against the module map's 0.86x (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -46,19 +50,26 @@ def _second(out):
 
 
 class HookRunner:
-    """Runs a loaded model with callbacks on named hook points; `backend` auto = the bridge when it boots."""
+    """Runs a loaded model with callbacks on named hook points; `backend` auto = torch hooks on the HF module map
+    where the model has one (`decoder.layers[i].self_attn`), the transformer-lens bridge otherwise."""
 
     def __init__(self, model, tokenizer, backend: str = "auto"):
         if backend not in BACKENDS:
             raise HookError(f"unknown hook backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.model, self.tokenizer = model, tokenizer
-        self.bridge = self._boot_bridge(model, tokenizer) if backend != "torch-hooks" else None
+        bridge = backend == "transformer-lens" or (backend == "auto" and not self._has_module_map(model))
+        self.bridge = self._boot_bridge(model, tokenizer) if bridge else None
         if backend == "transformer-lens" and self.bridge is None:
             raise HookError(f"transformer-lens cannot boot {model.config.model_type!r}")
         if self.bridge is None and model.config._attn_implementation != "eager":
             model.set_attn_implementation("eager")  # attention weights exist only in eager attention
         self.n_blocks = model.config.num_hidden_layers
         self.device = next(model.parameters()).device
+
+    @staticmethod
+    def _has_module_map(model) -> bool:
+        layers = getattr(model.base_model, "layers", None)
+        return bool(layers) and all(hasattr(layer, "self_attn") for layer in layers)
 
     @staticmethod
     def _boot_bridge(model, tokenizer):
@@ -90,20 +101,27 @@ class HookRunner:
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hooks: dict[str, Hook]) -> None:
         """One forward pass calling hooks[name](activation) at each named point."""
+        with self.hooked(hooks) as forward:
+            forward(input_ids, attention_mask)
+
+    @contextmanager
+    def hooked(self, hooks: dict[str, Hook]) -> Iterator[Callable[[torch.Tensor, torch.Tensor], None]]:
+        """Hooks registered once for many forward passes (a capture registers them once, not once per batch):
+        yields forward(input_ids, attention_mask), which calls hooks[name](activation) at each named point."""
         if self.bridge is not None:
             unknown = [name for name in hooks if name not in self.bridge.hook_dict]
             if unknown:
                 raise HookError(f"hook {unknown[0]!r}: not a hook point of the transformer-lens bridge")
-            self.bridge.run_with_hooks(input_ids, attention_mask=attention_mask, return_type=None,
-                                       fwd_hooks=[(name, lambda act, hook, f=f: f(act)) for name, f in hooks.items()])
+            with self.bridge.hooks(fwd_hooks=[(name, lambda act, hook, f=f: f(act)) for name, f in hooks.items()]):
+                yield lambda ids, mask: self.bridge(ids, attention_mask=mask, return_type=None)
             return
         points = {name: self._hf_point(name) for name in hooks}
         handles = [module.register_forward_hook(lambda mod, args, out, f=hooks[name], pick=pick: f(pick(out)))
                    for name, (module, pick) in points.items()]
         # The output head runs only when its logits are asked for (vocab × hidden per token is not free).
-        forward = self.model if LOGITS_HOOK in hooks else self.model.base_model
+        model = self.model if LOGITS_HOOK in hooks else self.model.base_model
         try:
-            forward(input_ids=input_ids, attention_mask=attention_mask)
+            yield lambda ids, mask: model(input_ids=ids, attention_mask=mask)
         finally:
             for handle in handles:
                 handle.remove()

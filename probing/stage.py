@@ -22,7 +22,7 @@ import polars as pl
 import torch
 
 from probing.build_suite import SUITE_DIR
-from probing.capture import HookRequest, Pool, probe_inputs, task_features
+from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, Pool, probe_inputs, task_features
 from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_tasks, unknown_datasets
 from probing.hooks import layer_hooks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
@@ -110,10 +110,10 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
 
 
 def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", max_length: int = 128,
-               batch_size: int = 32) -> list[CaptureJob]:
+               batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[CaptureJob]:
     """Per task: every probing layer (embeddings + each block's residual), pooled per request, float32."""
     requests = tuple(HookRequest(hook, Pool()) for hook in layer_hooks(n_blocks))
-    return [CaptureJob(probe_inputs(task, pooling, max_length)[0], requests, batch_size) for task in tasks]
+    return [CaptureJob(probe_inputs(task, pooling, max_length)[0], requests, batch_tokens) for task in tasks]
 
 
 def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, precision: str, seeds: list[int],

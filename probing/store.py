@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from probing.capture import HookRequest, InputSet, run_capture
+from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, InputSet, run_capture
 from probing.hooks import HookRunner
 from reports.cache import cache_key, record
 from reports.tables import atomic_path, read_cached
@@ -68,7 +68,7 @@ class CaptureJob:
 
     inputs: InputSet = field(compare=False)
     requests: tuple[HookRequest, ...]
-    batch_size: int = 32
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # not in the key: batching changes no value beyond fp rounding
 
     def key(self, request: HookRequest, model_digest: str, precision: str) -> CaptureKey:
         return CaptureKey(model_digest, self.inputs.digest, request.hook, request.reducer.name, precision,
@@ -111,7 +111,7 @@ class CaptureStore:
         for job in jobs:
             requests = tuple(r for r in job.requests if not self.has(job.key(r, model.digest, precision)))
             if requests:
-                out.append(CaptureJob(job.inputs, requests, job.batch_size))
+                out.append(CaptureJob(job.inputs, requests, job.batch_tokens))
         record(self.root.parent, "captures", model.name, not out)
         return out
 
@@ -120,7 +120,7 @@ def capture_model(runner: HookRunner, model: ModelRef, jobs: Sequence[CaptureJob
                   precision: str, log: Callable[[str], None] = print) -> None:
     """Run every job on the loaded model and store each request's output under its key."""
     for job in jobs:
-        outputs = run_capture(runner, job.inputs, job.requests, job.batch_size,
+        outputs = run_capture(runner, job.inputs, job.requests, job.batch_tokens,
                               progress=f"{model.name} {job.inputs.name}")
         for request, tensors in outputs.items():
             store.save(job.key(request, model.digest, precision), tensors,

@@ -149,3 +149,24 @@ def test_outcome_scores_name_metrics_with_their_filter():
     scores = outcome_scores(rows)
     assert scores["metric"].to_list() == ["exact_match", "exact_match,strict-match"]
     assert math.isclose(scores["value"][1], 0.25)
+
+
+def test_environment_report_is_built_once_per_process(monkeypatch):
+    """lm-eval adds torch's environment report to each result; its subprocess probes run for the first only."""
+    import torch.utils.collect_env as collect_env
+    from lm_eval.loggers.utils import add_env_info
+
+    from evaluation.behavior import env_report_once
+
+    calls = []
+    real_run = collect_env.run
+    monkeypatch.setattr(collect_env, "run", lambda command: calls.append(command) or real_run(command))
+    uncached = getattr(collect_env.get_pretty_env_info, "__wrapped__", collect_env.get_pretty_env_info)
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", uncached)  # as lm-eval finds it; undone after
+    env_report_once()
+    first, second = {}, {}
+    add_env_info(first)
+    probes = len(calls)
+    add_env_info(second)
+    assert probes > 0 and len(calls) == probes
+    assert first["pretty_env_info"] == second["pretty_env_info"] and "PyTorch version" in first["pretty_env_info"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from merging.checkpoints import LoadOptions, load_model
-from probing.capture import CaptureError, Request, capture, task_features, task_requests
+from probing.capture import CaptureError, PooledInputs, Request, capture, task_features, task_requests, token_batches
 from probing.holmes import write_task
 from probing.hooks import HookRunner
 
@@ -47,7 +47,7 @@ def reference(folder, requests, options=LoadOptions()):
 def test_capture_equals_hf_hidden_states(tiny_family, backend):
     runner = HookRunner(*load_model(tiny_family["a"], LoadOptions()), backend=backend)
     assert runner.backend == backend
-    pooled = capture(runner, REQUESTS, batch_size=2)
+    pooled = capture(runner, REQUESTS, batch_tokens=16)
     expected = reference(tiny_family["a"], REQUESTS)
     assert pooled.shape == (4, len(REQUESTS), 32)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
@@ -59,11 +59,35 @@ def test_capture_equals_hf_on_real_model():
     base = build_family(("base",))["base"]
     requests = REQUESTS[:4]
     runner = HookRunner(*load_model(base, LoadOptions()))
-    pooled = capture(runner, requests, batch_size=4)
+    pooled = capture(runner, requests, batch_tokens=64)
     assert pooled.shape == (31, len(requests), 576)
     expected = reference(base, requests)
     scale = expected.abs().amax(-1, keepdim=True)  # the residual norm grows to ~1e4: compare relative to it
     assert ((pooled - expected).abs() / scale).max() < 1e-5
+
+
+def test_token_batches_keep_order_and_budget():
+    lengths = np.array([2, 3, 3, 5, 8, 8, 30])
+    items = np.array([6, 0, 5, 1, 4, 2, 3])
+    batches = list(token_batches(lengths, 16, items))
+    assert np.concatenate(batches).tolist() == items.tolist()  # every item once, in length order
+    assert [b.tolist() for b in batches] == [[6, 0, 5], [1, 4], [2], [3]]  # 3 × 3 (4 × 5 > 16); 2 × 8; 8; 30 alone
+    assert all(len(b) * lengths[np.isin(items, b)].max() <= 16 for b in batches[:-1])
+
+
+def test_capture_by_token_budget_equals_unbatched_capture(tiny_family):
+    """Per-request pooled vectors, in request order, do not depend on the batching: one text per pass (no
+    padding), a budget that pads several texts per pass, and one pass for all (the old 32-sentence batches)."""
+    from tests.conftest import TINY_TEXT
+
+    requests = [Request(t, kind) for kind in ("mean", "last") for t in TINY_TEXT]
+    requests.append(Request(TINY_TEXT[4], "span", 10, 25))
+    runner = HookRunner(*load_model(tiny_family["base"], LoadOptions()), backend="torch-hooks")
+    shapes = [tuple(b.input_ids.shape) for b in PooledInputs(requests, 128, "").batches(runner.tokenizer, 64)]
+    assert len(shapes) > 1 and any(rows > 1 for rows, _ in shapes) and all(r * s <= 64 for r, s in shapes)
+    alone = capture(runner, requests, batch_tokens=1)
+    for budget in (64, 100_000):
+        torch.testing.assert_close(capture(runner, requests, batch_tokens=budget), alone, atol=1e-5, rtol=1e-5)
 
 
 def test_span_cut_off_by_max_length_is_a_clear_error(tiny_family):

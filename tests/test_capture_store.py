@@ -27,7 +27,7 @@ def test_pattern_and_topk_equal_hf_outputs(tiny_family, backend):
     runner = HookRunner(*load_model(tiny_family["a"], LoadOptions()), backend=backend)
     requests = [HookRequest(PATTERN_HOOK.format(i), PackedPattern("float32")) for i in range(3)]
     requests.append(HookRequest(LOGITS_HOOK, TopK(k=50)))
-    out = run_capture(runner, WINDOWS, requests, batch_size=3)
+    out = run_capture(runner, WINDOWS, requests, batch_tokens=72)
     model, tokenizer = hf_eager(tiny_family["a"])
     ids = WINDOWS.token_ids(tokenizer)
     with torch.no_grad():

@@ -24,7 +24,7 @@ SHIPPED = {name: yaml.safe_load((ROOT / "configs" / name).read_text()) for name 
 VOCABULARY = ["name", "description", "seed", "precision", "device", "trust_remote_code", "allow_pickle", "models",
               "base", "source", "revision", "merges", "parents", "methods", "method", "label", "parameters",
               "weight", "density", "t", "behavior", "suites", "batch_size", "limit", "probing", "data", "tasks",
-              "seeds", "max_length", "controls", "mdl", "pooling", "similarity", "weights"]
+              "batch_tokens", "seeds", "max_length", "controls", "mdl", "pooling", "similarity", "weights"]
 INTERESTING = ["embedded:base", "embedded:math", "embedded:nothing", "embedded:", "base", "math", "instruct",
                "linear", "slerp", "ties", "dare_ties", "offline", "leaderboard", "bundled", "cuda", "cpu", "auto",
                "bfloat16", "float32", "int4", "Qwen/Qwen2.5-7B", "owner/name/extra", ".", "..", "", "tense",

@@ -29,7 +29,7 @@ def tiny_config(tiny_family, tmp_path):
                    "methods": [{"method": "linear", "parameters": {"weight": 0.5}},
                                {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
         "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_size": 16, "tasks": ["noun_number", "tense"]},
+        "probing": {"seeds": [0], "batch_tokens": 256, "tasks": ["noun_number", "tense"]},
         "similarity": {"tokens": 512, "window": 32, "top_k": 64},
     }
     path = tmp_path / "tiny.yaml"

@@ -106,7 +106,7 @@ def test_batched_probe_agrees_with_sklearn_per_layer_on_real_model():
     task = load_tasks("bundled", ["noun_number"])[0]
     requests, index = task_requests(task)
     runner = HookRunner(*load_model(build_family(("base",))["base"], LoadOptions()))
-    features = task_features(capture(runner, requests, batch_size=64), index)
+    features = task_features(capture(runner, requests), index)
     split = Split(task.split_mask("train"), task.split_mask("dev"), task.split_mask("test"))
     x = standardise(features, split.train)
     scores = probe_classification(x, task.labels, np.zeros((0, len(task.labels)), np.int64), split, 2)

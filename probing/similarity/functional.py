@@ -31,11 +31,14 @@ TOP_K = 1024
 LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite
 
 
-def functional_jobs(windows: TokenWindows, n_blocks: int, top_k: int = TOP_K, batch_size: int = 8) -> list[CaptureJob]:
+def functional_jobs(windows: TokenWindows, n_blocks: int, top_k: int = TOP_K,
+                    batch_tokens: int = 1024) -> list[CaptureJob]:
+    """Every layer's tokens, every block's attention pattern and the top-k next-token log-probs; a smaller token
+    budget than the probes' since each token also holds a vocab-wide logits row and eager attention patterns."""
     requests = [HookRequest(h, Tokens()) for h in layer_hooks(n_blocks)]
     requests += [HookRequest(h, PackedPattern()) for h in pattern_hooks(n_blocks)]
     requests.append(HookRequest(LOGITS_HOOK, TopK(top_k)))
-    return [CaptureJob(windows, tuple(requests), batch_size)]
+    return [CaptureJob(windows, tuple(requests), batch_tokens)]
 
 
 def activation_cosine(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -68,8 +68,9 @@ class TokenWindows:
                                f"similarity.tokens={self.tokens} asks for")
         return torch.tensor(ids[:need]).reshape(self.n_rows, self.window)
 
-    def batches(self, tokenizer, batch_size: int) -> Iterator[Batch]:
+    def batches(self, tokenizer, batch_tokens: int) -> Iterator[Batch]:
         ids = self.token_ids(tokenizer)
+        batch_size = max(1, batch_tokens // self.window)
         for begin in range(0, self.n_rows, batch_size):
             chunk = ids[begin:begin + batch_size]
             rows = torch.arange(begin, begin + len(chunk))[:, None]
