@@ -268,13 +268,18 @@ def _lookup(data: object, loc: tuple) -> object:
     return data
 
 
+# keys of earlier releases, so that an old config says what to write instead
+RENAMED_KEYS = {"probing.batch_size": "probing.batch_tokens, a token budget per forward pass, padding included"}
+
+
 def _problems(error: ValidationError, data: object) -> list[str]:
     problems = []
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            problems.append(f"{_location(loc)}: unknown key")
+            renamed = RENAMED_KEYS.get(_location(loc))
+            problems.append(f"{_location(loc)}: unknown key" + (f" (renamed: use {renamed})" if renamed else ""))
         elif item["type"] == "value_error" and not loc:
             problems.extend(message.splitlines())
         else:

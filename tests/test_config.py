@@ -80,6 +80,8 @@ CASES = {
                                             _set_method(d, "slerp", t=0.5)),
                                  ["slerp", "exactly 2 parents", "merges.parents[2] has 3"]),
     "unknown top-level key": (lambda d: d.update(modles=[]), ["modles", "unknown key"]),
+    "a renamed key": (lambda d: d["probing"].update(batch_size=32),
+                      ["probing.batch_size: unknown key (renamed: use probing.batch_tokens"]),
     "wrong type": (lambda d: d.update(seed="many"), ["seed", "'many'"]),
     "bad precision": (lambda d: d.update(precision="int4"), ["precision", "'int4'"]),
 }

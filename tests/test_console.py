@@ -60,7 +60,7 @@ def write_config(path: Path, family: dict[str, Path], **changes) -> Path:
         "base": "base",
         "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
         "behavior": {"limit": 1, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_size": 16, "tasks": ["noun_number", "tense"]},
+        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
         "similarity": {"tokens": 128, "window": 32, "top_k": 16},
     } | changes
     path.write_text(yaml.safe_dump(config))

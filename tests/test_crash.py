@@ -40,7 +40,7 @@ def write_config(folder: Path, family: dict[str, Path], methods: list[dict]) -> 
         "models": [{"name": n, "source": str(family[n])} for n in PARENTS], "base": "base",
         "merges": {"parents": [["a", "b"]], "methods": methods},
         "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_size": 16, "tasks": ["noun_number", "tense"]},
+        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
         "similarity": {"tokens": 512, "window": 32, "top_k": 64},
     }
     path = folder / f"tiny-{len(methods)}.yaml"

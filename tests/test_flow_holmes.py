@@ -26,7 +26,7 @@ def test_flow_probes_real_format_holmes_folders(prefect_harness, tiny_family, tm
         "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
         "behavior": {"limit": 1, "batch_size": 4},
         "similarity": {"weights": False},
-        "probing": {"data": str(FIXTURES), "tasks": TASKS, "seeds": [0], "batch_size": 16},
+        "probing": {"data": str(FIXTURES), "tasks": TASKS, "seeds": [0], "batch_tokens": 512},
     }
     path = tmp_path / "tiny-holmes.yaml"
     path.write_text(yaml.safe_dump(config))
