@@ -52,7 +52,7 @@ def task_feature_sets(names: list[str] | None, folder: Path | None = None,
     store = CaptureStore(cache / "captures")
     tasks = load_tasks("bundled", names)
     jobs = probe_jobs(tasks, model.n_blocks)
-    missing = store.missing(jobs, model.digest, options.precision)
+    missing = store.missing(jobs, model, options.precision)
     if missing:
         capture_model(HookRunner(*load_model(folder, options)), model, missing, store, options.precision)
     out = []
