@@ -26,20 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_family(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from conftest import make_tokenizer, save_tiny, tiny_config
-    from transformers import LlamaForCausalLM
+    from conftest import build_tiny_family
 
-    tokenizer = make_tokenizer(folder / "tokenizer")
-    config = tiny_config(len(tokenizer))
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).state_dict()
-    paths = {"base": save_tiny(folder / "base", base, tokenizer, config)}
-    for seed, child in enumerate(["a", "b"], start=1):
-        generator = torch.Generator().manual_seed(seed)
-        state = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
-        paths[child] = save_tiny(folder / child, state, tokenizer, config)
-    return paths
+    return build_tiny_family(folder)
 
 
 def embedded_family() -> dict[str, Path]:

@@ -25,6 +25,7 @@ os.environ.update({
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 TINY_TEXT = [
     "the cat sat on the mat", "the dogs run in the park", "a bird sings in a tree", "she reads a book",
@@ -68,15 +69,14 @@ def save_tiny(folder: Path, state: dict[str, torch.Tensor], tokenizer, config) -
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory) -> dict[str, Path]:
-    """Tiny Llama checkpoints sharing a base: `base`, and children `a`, `b` = base + their own random task vector.
+def build_tiny_family(root: Path) -> dict[str, Path]:
+    """Tiny Llama checkpoints sharing a base under `root`: `base`, and children `a`, `b` = base + their own random
+    task vector (also the tiny family of bench/bench_task_runners.py).
 
     Small enough for exact checks in milliseconds; the children differ from the base in every tensor.
     """
     from transformers import LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("tiny-family")
     tokenizer = make_tokenizer(root / "tokenizer")
     config = tiny_config(len(tokenizer))
     torch.manual_seed(0)
@@ -87,6 +87,26 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
         state = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in base_state.items()}
         paths[child] = save_tiny(root / child, state, tokenizer, config)
     return paths
+
+
+def write_tiny_config(path: Path, family: dict[str, Path], **sections) -> Path:
+    """A run config over the tiny family (one linear merge of a and b over base; small behaviour, probing and
+    similarity workloads), its top-level `sections` replaced by the caller's; written as YAML to `path`."""
+    config = {
+        "name": "tiny", "seed": 1, "precision": "float32", "device": "cpu",
+        "models": [{"name": n, "source": str(p)} for n, p in family.items()], "base": "base",
+        "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
+        "behavior": {"limit": 4, "batch_size": 4},
+        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
+        "similarity": {"tokens": 512, "window": 32, "top_k": 64},
+    } | sections
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_family(tmp_path_factory.mktemp("tiny-family"))
 
 
 @pytest.fixture(scope="session")

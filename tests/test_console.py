@@ -14,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 
+from conftest import write_tiny_config
 from flows import console
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,17 +61,8 @@ def quiet_environment(monkeypatch) -> None:
 
 
 def write_config(path: Path, family: dict[str, Path], **changes) -> Path:
-    config = {
-        "name": "console", "seed": 1, "precision": "float32", "device": "cpu",
-        "models": [{"name": n, "source": str(p)} for n, p in family.items()],
-        "base": "base",
-        "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
-        "behavior": {"limit": 1, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
-        "similarity": {"tokens": 128, "window": 32, "top_k": 16},
-    } | changes
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(path, family, **({"name": "console", "behavior": {"limit": 1, "batch_size": 4},
+                                               "similarity": {"tokens": 128, "window": 32, "top_k": 16}} | changes))
 
 
 def test_run_console_has_one_line_per_stage_and_model(api_url, tiny_family, tmp_path):

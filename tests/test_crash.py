@@ -16,8 +16,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
+from conftest import write_tiny_config
 from flows.cli import main
 from flows.run_store import RunDir
 from merging.checkpoints import content_digest, safetensors_problem
@@ -35,17 +35,8 @@ WHOLE_RUN = ["weight_features", "behavior_outcomes", "internals_outcomes", "corr
 
 
 def write_config(folder: Path, family: dict[str, Path], methods: list[dict]) -> Path:
-    config = {
-        "name": "tiny", "seed": 1, "precision": "float32", "device": "cpu",
-        "models": [{"name": n, "source": str(family[n])} for n in PARENTS], "base": "base",
-        "merges": {"parents": [["a", "b"]], "methods": methods},
-        "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
-        "similarity": {"tokens": 512, "window": 32, "top_k": 64},
-    }
-    path = folder / f"tiny-{len(methods)}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(folder / f"tiny-{len(methods)}.yaml", {n: family[n] for n in PARENTS},
+                             merges={"parents": [["a", "b"]], "methods": methods})
 
 
 def decisions(models: list[str], merges: list[str]) -> set[tuple[str, str]]:

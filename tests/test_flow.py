@@ -12,29 +12,19 @@ import polars as pl
 import pytest
 import yaml
 
+from conftest import write_tiny_config
 from flows.cli import main
 from flows.run_store import RunDir
 
 
 @pytest.fixture()
 def tiny_config(tiny_family, tmp_path):
-    config = {
-        "name": "tiny",
-        "seed": 1,
-        "precision": "float32",
-        "device": "cpu",
-        "models": [{"name": n, "source": str(p)} for n, p in tiny_family.items()],
-        "base": "base",
-        "merges": {"parents": [["a", "b"]],
-                   "methods": [{"method": "linear", "parameters": {"weight": 0.5}},
-                               {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
-        "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_tokens": 256, "tasks": ["noun_number", "tense"]},
-        "similarity": {"tokens": 512, "window": 32, "top_k": 64},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(
+        tmp_path / "tiny.yaml", tiny_family,
+        merges={"parents": [["a", "b"]],
+                "methods": [{"method": "linear", "parameters": {"weight": 0.5}},
+                            {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
+        probing={"seeds": [0], "batch_tokens": 256, "tasks": ["noun_number", "tense"]})
 
 
 def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path, load_counter):

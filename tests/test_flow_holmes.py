@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import yaml
 
+from conftest import write_tiny_config
 from flows.run_store import RunDir
 from probing.inspect import show_probes
 
@@ -19,17 +19,9 @@ TASKS = ["blimp-determiner_noun_agreement_1", "pos", "protoroles-volition", "nex
 def test_flow_probes_real_format_holmes_folders(prefect_harness, tiny_family, tmp_path, capsys):
     from flows.pipeline import merge_eval
 
-    config = {
-        "name": "tiny-holmes", "seed": 1, "precision": "float32", "device": "cpu",
-        "models": [{"name": n, "source": str(p)} for n, p in tiny_family.items()],
-        "base": "base",
-        "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
-        "behavior": {"limit": 1, "batch_size": 4},
-        "similarity": {"weights": False},
-        "probing": {"data": str(FIXTURES), "tasks": TASKS, "seeds": [0], "batch_tokens": 512},
-    }
-    path = tmp_path / "tiny-holmes.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_tiny_config(tmp_path / "tiny-holmes.yaml", tiny_family, name="tiny-holmes",
+                             behavior={"limit": 1, "batch_size": 4}, similarity={"weights": False},
+                             probing={"data": str(FIXTURES), "tasks": TASKS, "seeds": [0], "batch_tokens": 512})
     run = RunDir(tmp_path / "run")
     merge_eval(config_path=str(path), run_dir=str(run.root))
 
