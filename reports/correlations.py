@@ -288,16 +288,17 @@ def permutation_p(method: str, x: np.ndarray, y: np.ndarray, permutations: int,
     fixed = _dot_terms(method, x)
     rows, index = np.unique(y, axis=0, return_inverse=True)
     index = index.ravel()
+    row_terms = _dot_terms(method, rows)
     if method == "kendall":
         upper = np.triu_indices(x.shape[1], 1)
         pairs = order[:, upper[0]], order[:, upper[1]]
-        nulls = (np.sign(row[pairs[0]] - row[pairs[1]]) / np.sqrt(np.abs(np.sign(row[upper[0]] - row[upper[1]])).sum())
-                 for row in rows)  # [P, pairs]: the re-paired pair signs, scaled as `_dot_terms` scales them
+        # [P, pairs]: the re-paired pair signs, scaled as in the row's terms (each untied pair weighs the same)
+        nulls = (np.sign(row[pairs[0]] - row[pairs[1]]) * np.abs(terms).max() for row, terms in zip(rows, row_terms))
     else:
-        nulls = (terms[order] for terms in _dot_terms(method, rows))  # [P, n]
+        nulls = (terms[order] for terms in row_terms)  # [P, n]
     extreme = np.zeros(len(x))
     size = max(1, _CHUNK_BYTES // (8 * len(order)))
-    for row, (terms, null) in enumerate(zip(_dot_terms(method, rows), nulls)):
+    for row, (terms, null) in enumerate(zip(row_terms, nulls)):
         tests = np.flatnonzero(index == row)
         for start in range(0, len(tests), size):
             chosen = tests[start:start + size]
@@ -308,13 +309,17 @@ def permutation_p(method: str, x: np.ndarray, y: np.ndarray, permutations: int,
     return (extreme + 1) / (len(order) + 1), f"permutation: {len(order)} random pairings"
 
 
+def _flagged_sides(flag_x: np.ndarray, flag_y: np.ndarray, message: str) -> list[str | None]:
+    """Per row pair: `message` after the flagged side(s) ("x", "y" or "x and y"), or None where neither is."""
+    names = {(True, False): "x", (False, True): "y", (True, True): "x and y"}
+    return [f"{names[a, b]} {message}" if a or b else None for a, b in zip(flag_x.tolist(), flag_y.tolist())]
+
+
 def one_unit_notes(x: np.ndarray, y: np.ndarray, units: str) -> list[str | None]:
     """Per row pair of [T, n]: a note where x or y is equal for all units but one (one unit decides r)."""
     n = x.shape[1]
-    lone = [(v[:, :, None] == v[:, None, :]).sum(-1).max(-1) == n - 1 for v in (x, y)]
-    names = {(True, False): "x", (False, True): "y", (True, True): "x and y"}
-    return [f"{names[a, b]} equal for all {units} but one: one unit decides r" if a or b else None
-            for a, b in zip(lone[0].tolist(), lone[1].tolist())]
+    lone_x, lone_y = ((v[:, :, None] == v[:, None, :]).sum(-1).max(-1) == n - 1 for v in (x, y))
+    return _flagged_sides(lone_x, lone_y, f"equal for all {units} but one: one unit decides r")
 
 
 def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | None]:
@@ -323,9 +328,7 @@ def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | No
     if n < 3:
         return [f"n < 3 ({n} {units} with both values)"] * len(x)
     flat_x, flat_y = (np.all(v == v[:, :1], axis=1) for v in (x, y))
-    names = {(True, False): "x", (False, True): "y", (True, True): "x and y"}
-    return [f"{names[fx, fy]} constant over the {n} {units}" if fx or fy else None
-            for fx, fy in zip(flat_x.tolist(), flat_y.tolist())]
+    return _flagged_sides(flat_x, flat_y, f"constant over the {n} {units}")
 
 
 def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resamples: int,
