@@ -84,13 +84,15 @@ def _variables(frame: pl.DataFrame, keys: tuple[str, ...], **constants) -> pl.Da
 def competence_variables(probes: pl.DataFrame) -> pl.DataFrame:
     """x rows (unit = model) of competence per task and per phenomenon at every view."""
     headline = probes.filter(pl.col("metric").is_in(HEADLINE_METRICS))
-    tasks = headline.group_by("model", "task", "phenomenon", "layer").agg(pl.col("value").mean())
+    # groups in a fixed order (maintain_order): a mean summed in another order can break a tie between two models
+    # by 1e-16 and move Spearman and Kendall r, so the same tables must always give the same sums
+    tasks = headline.group_by("model", "task", "phenomenon", "layer", maintain_order=True).agg(pl.col("value").mean())
     curves = pl.concat([
         tasks.select("model", pl.col("task").alias("x"), pl.lit("task").alias("x_level"), "layer", "value"),
-        tasks.group_by("model", "phenomenon", "layer").agg(pl.col("value").mean()).select(
+        tasks.group_by("model", "phenomenon", "layer", maintain_order=True).agg(pl.col("value").mean()).select(
             "model", pl.col("phenomenon").alias("x"), pl.lit("phenomenon").alias("x_level"), "layer", "value"),
     ]).sort("model", "x_level", "x", "layer")
-    views = curves.group_by("model", "x", "x_level").agg(
+    views = curves.group_by("model", "x", "x_level", maintain_order=True).agg(
         pl.col("value").max().alias("best_layer"), pl.col("value").last().alias("last_layer"),
         pl.col("value").mean().alias("layer_mean"))
     per_view = views.unpivot(["best_layer", "last_layer", "layer_mean"], index=["model", "x", "x_level"],
@@ -368,9 +370,11 @@ def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resampl
 def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, seed: int, resamples: int,
                permutations: int) -> pl.DataFrame:
     """Every (x variable, y variable) pair's tests, over the units both have a value for."""
-    pairs = xs.join(ys, on="unit", suffix="_y").sort("unit")
-    tests = pairs.group_by(*X_KEYS, *Y_KEYS).agg(pl.col("value").alias("xv"), pl.col("value_y").alias("yv"),
-                                                 pl.len().alias("size"))
+    # kept in a fixed order throughout: the order of tests decides how the bootstrap is chunked, and so the last
+    # bits of its sums (the same config must give the same table)
+    pairs = xs.join(ys, on="unit", suffix="_y", maintain_order="left_right").sort("unit", maintain_order=True)
+    tests = pairs.group_by(*X_KEYS, *Y_KEYS, maintain_order=True).agg(
+        pl.col("value").alias("xv"), pl.col("value_y").alias("yv"), pl.len().alias("size"))
     frames = []
     for (size,), block in tests.partition_by("size", as_dict=True).items():
         x = block["xv"].list.to_array(size).to_numpy().reshape(-1, size)

@@ -361,3 +361,21 @@ def test_functional_summaries_and_ordered_pairs_stay_distinct_variables():
                      ("functional:cka:median", "merge_parent_a"): 0.5,
                      ("functional:kl:mean", "merge_parent_b"): 0.3,
                      ("functional:kl:mean", "merge_parents_mean"): pytest.approx(0.2)}
+
+
+def test_competence_is_the_same_on_every_call():
+    """The same probes table gives the same competence, bit for bit: group means summed in a varying order
+    differ by 1e-16, which breaks ties between models and moves Spearman and Kendall r (a run-sized table)."""
+    rng = np.random.default_rng(9)
+    models, tasks, layers, seeds = 14, 25, 31, 3
+    probes = pl.DataFrame({
+        "model": np.repeat([f"m{i}" for i in range(models)], tasks * layers * seeds),
+        "task": np.tile(np.repeat([f"t{i}" for i in range(tasks)], layers * seeds), models),
+        "phenomenon": np.tile(np.repeat([f"p{i % 5}" for i in range(tasks)], layers * seeds), models),
+        "layer": np.tile(np.repeat(np.arange(layers), seeds), models * tasks),
+        "seed": np.tile(np.arange(seeds), models * tasks * layers),
+        "metric": "macro_f1",
+        "value": rng.choice([0.1, 0.2, 0.3, 0.7], models * tasks * layers * seeds)})
+    first = competence_variables(probes)
+    for _ in range(5):
+        assert competence_variables(probes).equals(first)
