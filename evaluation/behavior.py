@@ -120,10 +120,11 @@ def _load_json(path: Path) -> dict:
 
 def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path, name: str | None = None) -> dict | None:
     """The stored result for this checkpoint's content and settings, or None: deciding never loads the model.
-    With the model's `name`, the decision is reported to the run's ledger in `cache_dir`."""
+    With the model's `name`, a hit is reported to the run's ledger in `cache_dir` (a miss is reported by the caller
+    once scored, with the seconds scoring took)."""
     raw = read_cached(_cache_entry(folder, settings, cache_dir), _load_json)
-    if name is not None:
-        record(cache_dir, "behavior", name, raw is not None)
+    if name is not None and raw is not None:
+        record(cache_dir, "behavior", name, True)
     return raw
 
 

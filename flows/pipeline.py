@@ -34,6 +34,7 @@ from merging.merge import MergeLineage, merge
 from merging.preflight import preflight
 from probing.similarity.weights import cached_weight_features
 from probing.store import CaptureJob, CaptureStore, ModelRef, model_ref
+from reports.cache import record
 from reports.tables import atomic_write_text, read_table, replace_rows, write_table
 
 
@@ -128,14 +129,17 @@ def model_task(name: str, folder: Path, run: RunDir,
     missing = capture_store(run).missing(capture_jobs(model, config), model, config.precision)
     raw = cached_score(folder, settings, run.cache, name=name)
     if raw is None or missing:
+        started = time.perf_counter()  # the one load counts to the first stage that needs it
         loaded = checkpoints.load_model(folder, options)
         if raw is None:  # behaviour first: the bridge the captures boot switches the model to eager attention
             raw = score_model(folder, settings, options, run.cache, loaded=loaded)
             logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
-        if missing:
+            record(run.cache, "behavior", name, False, time.perf_counter() - started)
             started = time.perf_counter()
+        if missing:
             capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.debug)
             logger.info("captures %s: %d input set(s) in %.1f s", name, len(missing), time.perf_counter() - started)
+            record(run.cache, "captures", name, False, time.perf_counter() - started)
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
                       json.dumps(without_samples(raw), indent=1))
     return tidy(raw, name), sample_items(raw, name)

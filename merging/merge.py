@@ -103,15 +103,14 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
             record(cache_dir, "merge", lineage.model, hit=True)
             return existing
         CACHE_LOG.warning("merge %s: %s; merging again", lineage.model, "; ".join(damaged))
-    record(cache_dir, "merge", lineage.model, hit=False)
 
+    started = time.perf_counter()
     config = mergekit_config(method, lineage.parameters, [str(parent_dirs[p]) for p in lineage.parents],
                              str(parent_dirs[lineage.base]) if method.uses_base else None, dtype)
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
     sparsify.install()
-    started = time.perf_counter()
     with atomic_dir(out) as build:
         with PeakRss() as memory:
             try:
@@ -130,4 +129,5 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
             "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
         }
         (build / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    record(cache_dir, "merge", lineage.model, hit=False, seconds=time.perf_counter() - started)
     return manifest

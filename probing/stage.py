@@ -13,6 +13,7 @@ test items, so their errors correlate positively); a phenomenon's score is the m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -122,6 +123,7 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
     """probes.parquet and probe_items.parquet rows for one model from its stored captures; probe results are
     cached beside them by capture keys + probe settings."""
     frames, items, hits = [], [], []
+    started = time.perf_counter()
     named = pl.lit(model.name).alias("model")
     for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
         keys = [job.key(request, model.digest, precision) for request in job.requests]
@@ -139,7 +141,7 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
             log(f"{model.name}: probed {task.name} ({cached.rows['layer'].n_unique()} layers)")
         frames.append(cached.rows.with_columns(named))
         items.append(cached.items.with_columns(named))
-    record(store.root.parent, "probes", model.name, all(hits))
+    record(store.root.parent, "probes", model.name, all(hits), 0.0 if all(hits) else time.perf_counter() - started)
     return ProbeTables(pl.concat(frames, how="diagonal_relaxed"), pl.concat(items))
 
 

@@ -105,14 +105,16 @@ class CaptureStore:
                                         metadata={**{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata})
 
     def missing(self, jobs: Sequence[CaptureJob], model: ModelRef, precision: str) -> list[CaptureJob]:
-        """The jobs (each cut down to its missing requests) that still need the model; reported to the run's
-        ledger (beside the store) as one hit or miss of the model's captures."""
+        """The jobs (each cut down to its missing requests) that still need the model; none missing is reported to
+        the run's ledger (beside the store) as a hit of the model's captures (a miss is reported by the caller once
+        captured, with the seconds capturing took)."""
         out = []
         for job in jobs:
             requests = tuple(r for r in job.requests if not self.has(job.key(r, model.digest, precision)))
             if requests:
                 out.append(CaptureJob(job.inputs, requests, job.batch_tokens))
-        record(self.root.parent, "captures", model.name, not out)
+        if not out:
+            record(self.root.parent, "captures", model.name, True)
         return out
 
 

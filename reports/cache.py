@@ -7,8 +7,9 @@ and short enough for file names. The parts name everything the cached value depe
 included, so a changed input or changed code is a miss and never a stale hit.
 
 Every cached stage reports each decision to the run's ledger (`RUN_DIR/cache/ledger.jsonl`): one JSON line per
-(stage, model, hit). A run opens its section with a start line (`start_run`), written under the run-directory
-lock, so the lines up to the next start belong to that run whichever process or worker wrote them. Tests read it to
+(stage, model, hit), and for a miss the wall seconds its computation took (a hit costs ~0, recorded as 0), so a run
+can say what each model's own stages cost (bench/bench_e2e.py). A run opens its section with a start line
+(`start_run`), written under the run-directory lock, so the lines up to the next start belong to that run whichever process or worker wrote them. Tests read it to
 assert what a run recomputed, without timing anything.
 """
 
@@ -84,16 +85,18 @@ def start_run(cache_dir: Path, run_id: str) -> None:
     _append(cache_dir, {"run": run_id, "pid": os.getpid(), "time": time.time()})
 
 
-def record(cache_dir: Path | None, stage: str, model: str, hit: bool) -> None:
-    """Note one cache decision of `stage` for `model` (ALL_MODELS for a stage over the whole run); no ledger
-    without a cache directory (a stage called on its own, outside a run)."""
+def record(cache_dir: Path | None, stage: str, model: str, hit: bool, seconds: float = 0.0) -> None:
+    """Note one cache decision of `stage` for `model` (ALL_MODELS for a stage over the whole run) and, for a miss,
+    the wall `seconds` computing it took (recorded once computed); no ledger without a cache directory (a stage
+    called on its own, outside a run)."""
     if cache_dir is not None:
-        _append(cache_dir, {"stage": stage, "model": model, "hit": bool(hit)})
+        _append(cache_dir, {"stage": stage, "model": model, "hit": bool(hit), "seconds": round(float(seconds), 6)})
 
 
 def read_ledger(cache_dir: Path) -> pl.DataFrame:
-    """Every decision in the ledger with its run's id: columns run, stage, model, hit (in order written). A line
-    cut short (a process killed mid-write) is skipped."""
+    """Every decision in the ledger with its run's id: columns run, stage, model, hit, seconds (in order written;
+    seconds 0 for hits and for lines of ledgers written before seconds were recorded). A line cut short (a process
+    killed mid-write) is skipped."""
     rows, run = [], None
     path = Path(cache_dir) / LEDGER
     for text in path.read_text().splitlines() if path.is_file() else []:
@@ -104,8 +107,9 @@ def read_ledger(cache_dir: Path) -> pl.DataFrame:
         if "run" in line:
             run = line["run"]
         else:
-            rows.append({"run": run, "stage": line["stage"], "model": line["model"], "hit": line["hit"]})
-    schema = {"run": pl.String, "stage": pl.String, "model": pl.String, "hit": pl.Boolean}
+            rows.append({"run": run, "stage": line["stage"], "model": line["model"], "hit": line["hit"],
+                         "seconds": float(line.get("seconds", 0.0))})
+    schema = {"run": pl.String, "stage": pl.String, "model": pl.String, "hit": pl.Boolean, "seconds": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -117,11 +121,13 @@ def cached_frame(cache_dir: Path | None, stage: str, model: str, key: str,
         return compute(), False
     path = Path(cache_dir) / stage / f"{key}.parquet"
     hit = read_cached(path, pl.read_parquet)
-    record(cache_dir, stage, model, hit is not None)
     if hit is not None:
+        record(cache_dir, stage, model, True)
         return hit, True
+    started = time.perf_counter()
     frame = compute()
     write_parquet(frame, path)
+    record(cache_dir, stage, model, False, time.perf_counter() - started)
     return frame, False
 
 
@@ -136,11 +142,14 @@ def cached_outputs(cache_dir: Path | None, stage: str, key: str, outputs: Sequen
     stamp = Path(cache_dir) / stage / f"{key}.json"
     expected = read_cached(stamp, lambda path: json.loads(path.read_text()))
     hit = expected is not None and all(Path(p).is_file() for p in outputs) and expected == _digests(outputs)
-    record(cache_dir, stage, ALL_MODELS, hit)
-    if not hit:
-        make()
-        atomic_write_text(stamp, canonical_json(_digests(outputs)))
-    return hit
+    if hit:
+        record(cache_dir, stage, ALL_MODELS, True)
+        return True
+    started = time.perf_counter()
+    make()
+    atomic_write_text(stamp, canonical_json(_digests(outputs)))
+    record(cache_dir, stage, ALL_MODELS, False, time.perf_counter() - started)
+    return False
 
 
 def _digests(outputs: Sequence[Path]) -> dict[str, str]:

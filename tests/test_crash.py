@@ -31,7 +31,7 @@ METHODS = [{"method": "linear", "parameters": {"weight": 0.5}},
            {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]
 TABLES = ["behavior", "behavior_items", "probes", "probe_items", "similarity", "outcomes", "correlations"]
 # Stages over the whole run, one ledger line each (model "*"); every other stage reports per model or pair.
-WHOLE_RUN = ["weight_features", "behavior_outcomes", "internals_outcomes", "correlations", "report"]
+WHOLE_RUN = ["behavior_outcomes", "internals_outcomes", "correlations", "report"]
 
 
 def write_config(folder: Path, family: dict[str, Path], methods: list[dict]) -> Path:
@@ -41,8 +41,9 @@ def write_config(folder: Path, family: dict[str, Path], methods: list[dict]) -> 
 
 def decisions(models: list[str], merges: list[str]) -> set[tuple[str, str]]:
     """Every (stage, model) cache decision a run of these models makes."""
-    per_model = {(stage, m) for stage in ("behavior", "captures", "probes") for m in models}
-    pairs = {("functional_similarity", f"{a}|{b}") for a, b in combinations(models, 2)}
+    per_model = {(stage, m) for stage in ("behavior", "captures", "probes", "weight_features") for m in models}
+    pairs = {(stage, f"{a}|{b}") for a, b in combinations(models, 2)
+             for stage in ("functional_similarity", "weight_features")}
     return per_model | pairs | {("merge", m) for m in merges} | {(stage, ALL_MODELS) for stage in WHOLE_RUN}
 
 
@@ -81,6 +82,7 @@ def test_first_run_misses_everything_and_a_second_run_hits_everything(finished, 
     first = read_ledger(run.cache)
     assert first["run"].n_unique() == 1 and decided(first, hit=True) == set()
     assert decided(first, hit=False) == expected and first.height == len(expected), "one decision each"
+    assert (first["seconds"] > 0).all(), "every computed stage says what it cost"
 
     merge_eval(config_path=str(config), run_dir=str(run.root))  # the same file: config.yaml records its path
     second = last_run(run)
@@ -101,8 +103,13 @@ def test_adding_a_method_computes_only_the_new_merges_stages(finished, tiny_fami
 
     new = "a+b/task_arithmetic"
     ledger = last_run(run)
-    assert decided(ledger, hit=False) == {("merge", new), ("behavior", new), ("captures", new), ("probes", new)} | {
-        ("functional_similarity", f"{a}|{new}") for a in MODELS} | {(stage, ALL_MODELS) for stage in WHOLE_RUN}
+    assert decided(ledger, hit=False) == {(stage, new) for stage in ("merge", "behavior", "captures", "probes",
+                                                                      "weight_features")} | {
+        (stage, f"{a}|{new}") for a in MODELS for stage in ("functional_similarity", "weight_features")} | {
+        (stage, ALL_MODELS) for stage in WHOLE_RUN}
+    misses = ledger.filter(~pl.col("hit"))
+    assert (misses["seconds"] > 0).all(), "every computed stage says what it cost"
+    assert (ledger.filter(pl.col("hit"))["seconds"] == 0).all()
     assert decided(ledger, hit=True) == decisions(MODELS, MODELS[3:]) - {(s, ALL_MODELS) for s in WHOLE_RUN}
     assert set(load_counter) == {run.model_dir(new).resolve()}, "only the new merge is loaded"
     assert set(pl.read_parquet(run.tables / "outcomes.parquet")["model"]) == {*MODELS[3:], new}
@@ -224,11 +231,12 @@ def test_atomic_dir_shows_a_folder_whole_or_not_at_all(tmp_path):
 
 def test_ledger_lines_belong_to_the_run_that_opened_them(tmp_path):
     start_run(tmp_path, "first")
-    record(tmp_path, "probes", "a", hit=False)
+    record(tmp_path, "probes", "a", hit=False, seconds=1.25)
     with (tmp_path / LEDGER).open("a") as ledger:
         ledger.write('\n{"stage": "probes", "mod')  # a line cut short by a full disk
+        ledger.write('\n{"stage": "merge", "model": "b", "hit": false}')  # written before seconds were recorded
     start_run(tmp_path, "second")
     record(tmp_path, "probes", "a", hit=True)
     record(tmp_path, "report", ALL_MODELS, hit=True)
-    assert read_ledger(tmp_path).rows() == [("first", "probes", "a", False), ("second", "probes", "a", True),
-                                            ("second", "report", "*", True)]
+    assert read_ledger(tmp_path).rows() == [("first", "probes", "a", False, 1.25), ("first", "merge", "b", False, 0.0),
+                                            ("second", "probes", "a", True, 0.0), ("second", "report", "*", True, 0.0)]

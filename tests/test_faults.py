@@ -25,6 +25,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from polars.testing import assert_frame_equal
 
 from flows.cli import main
 from merging.checkpoints import CheckpointError, LoadOptions, load_model
@@ -230,13 +231,16 @@ def test_weight_features_cache_cut_short_is_recomputed(tiny_family, tmp_path, ca
 
     models = dict(tiny_family)
     rows, cached = cached_weight_features(models, "base", tmp_path)
-    entry, = (tmp_path / "weight_features").glob("*.parquet")
-    _cut(entry)
+    entries = sorted((tmp_path / "weight_features").glob("*.parquet"))
+    assert len(entries) == 6, "one entry per model and per pair of the three"
+    whole = pl.read_parquet(entries[0])
+    _cut(entries[0])
     with caplog.at_level(logging.WARNING, logger="merge_eval.cache"):
         again, cached = cached_weight_features(models, "base", tmp_path)
-    assert not cached and again.equals(rows)
-    assert f"cache entry {entry} is unreadable" in caplog.text and "recomputing it" in caplog.text
-    assert pl.read_parquet(entry).equals(rows), "the entry is whole again"
+    assert not cached
+    assert_frame_equal(again, rows, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
+    assert f"cache entry {entries[0]} is unreadable" in caplog.text and "recomputing it" in caplog.text
+    assert_frame_equal(pl.read_parquet(entries[0]), whole, check_exact=False, rel_tol=1e-12)  # the entry is whole again
 
 
 def test_behavior_cache_cut_short_is_rescored(tiny_family, tmp_path, monkeypatch, caplog):

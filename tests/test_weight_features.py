@@ -8,12 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from polars.testing import assert_frame_equal
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from merging.preflight import PreflightError
 from merging.streaming import layer_of, module_of
 from probing.similarity.weights import accumulate, cached_weight_features, derive, weight_features
+from reports.cache import read_ledger, start_run
 
 SHAPES = {"model.embed_tokens.weight": (12, 8), "model.norm.weight": (8,)}
 for _layer in range(2):
@@ -176,6 +178,39 @@ def test_cache_by_content(related, tmp_path):
     again, cached_again = cached_weight_features(models, "base", tmp_path)
     assert (cached, cached_again) == (False, True)
     assert again.equals(first)
+    assert_frame_equal(first, weight_features(models, "base"), check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_a_new_model_computes_only_its_pairs_and_gives_the_fresh_table(tiny_family, tmp_path):
+    """A run that adds a model computes only its own entry and its pairs (read from the ledger), and its table
+    equals computing everything fresh: same rows, same order, values to 1e-12 (group kinship included)."""
+    groups = {"a+b/x": ("a", "b")}
+    start_run(tmp_path, "first")
+    cached_weight_features({n: tiny_family[n] for n in ("base", "a")}, "base", tmp_path)
+    start_run(tmp_path, "second")
+    grown, cached = cached_weight_features(dict(tiny_family), "base", tmp_path, groups)
+    ledger = read_ledger(tmp_path).filter(pl.col("run") == "second")
+    assert not cached
+    assert set(ledger.filter(~pl.col("hit"))["model"]) == {"b", "base|b", "a|b"}
+    assert set(ledger.filter(pl.col("hit"))["model"]) == {"base", "a", "base|a"}
+    assert (ledger.filter(~pl.col("hit"))["seconds"] > 0).all()
+    fresh = weight_features(dict(tiny_family), "base", groups)
+    assert grown.select(pl.exclude("value")).equals(fresh.select(pl.exclude("value")))
+    assert_frame_equal(grown, fresh, check_exact=False, rel_tol=1e-12, abs_tol=1e-12)
+    assert grown.filter(pl.col("feature").str.starts_with("group_"))["value"].is_not_null().all()
+
+
+def test_partial_rows_equal_the_full_gram(related):
+    """`accumulate(rows_of=...)` gives exactly those rows of the full statistics."""
+    paths, _ = related
+    full = accumulate(paths, "base")
+    names = list(paths)
+    rows = accumulate(paths, "base", rows_of=["neg", "base"])
+    for key, stats in full.items():
+        picked = [names.index("neg"), names.index("base")]
+        for field in ("gram", "agree", "conflict"):
+            np.testing.assert_allclose(getattr(rows[key], field), getattr(stats, field)[picked], rtol=1e-12)
+        np.testing.assert_allclose(rows[key].sums, stats.sums[picked], rtol=1e-12)
 
 
 def test_real_family_features(real_family):

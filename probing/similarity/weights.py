@@ -8,10 +8,15 @@ features are derived at the end. Feature names and meanings: `probing.similarity
 Rows of the Gram matrix are the base parameters θ_b (at the base's index) and task vectors δ_i = θ_i − θ_b for
 the other models: parameter-space dot products follow as θ_i·θ_j = θ_b·θ_b + θ_b·δ_i + θ_b·δ_j + δ_i·δ_j, and
 distances come from the small δ Gram, which avoids the cancellation of ‖θ_i‖² + ‖θ_j‖² − 2θ_i·θ_j.
+
+An entry of those statistics for a pair depends only on the base's and the two models' contents, so the cache
+keeps one entry per pair (and per model: its own row and sums): a run with one new model streams the checkpoints
+once but computes only the new model's Gram rows, and the table is derived from the whole matrix as before.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,10 @@ from tqdm.auto import tqdm
 from merging.checkpoints import content_digest
 from merging.streaming import StreamedCheckpoint, layer_of, module_of, stream_chunks
 from probing.similarity.registry import conform
-from reports.cache import ALL_MODELS, cached_frame
 from reports.cache import cache_key as make_key
 from reports.cache import content_digest as files_digest
+from reports.cache import record
+from reports.tables import read_cached, write_parquet
 
 ZERO_RTOL = 1e-6  # |δ| ≤ ZERO_RTOL·|θ_base| counts as unchanged: ~8 float32 ulps, far below any real update
 CHUNK_BYTES = 64 << 20  # working set of one chunk across all models (float64 values + float32 signs)
@@ -42,13 +48,14 @@ Key = tuple[str, int | None, str | None]  # (scope, layer, module)
 
 @dataclass
 class Stats:
-    """Sufficient statistics of one scope; rows/columns follow the model order, index `base` holds θ_b."""
+    """Sufficient statistics of one scope; columns follow the model order, index `base` holds θ_b; rows too, or
+    only some models' rows (`accumulate(rows_of=...)`)."""
 
     n: int
-    gram: np.ndarray  # N×N dot products of the rows (θ_b at the base index, δ_i elsewhere)
-    sums: np.ndarray  # N: Σ δ_i (0 for the base)
-    agree: np.ndarray  # N×N: coordinates where δ_i, δ_j are both non-near-zero with the same sign
-    conflict: np.ndarray  # N×N: ... with opposite signs
+    gram: np.ndarray  # R×N dot products of the rows (θ_b at the base index, δ_i elsewhere)
+    sums: np.ndarray  # R: Σ δ_i (Σ θ_b for the base)
+    agree: np.ndarray  # R×N: coordinates where δ_i, δ_j are both non-near-zero with the same sign
+    conflict: np.ndarray  # R×N: ... with opposite signs
 
     def __iadd__(self, other: Stats) -> Stats:
         self.n += other.n
@@ -60,8 +67,9 @@ class Stats:
         return Stats(self.n, self.gram.copy(), self.sums.copy(), self.agree.copy(), self.conflict.copy())
 
 
-def chunk_stats(chunks: list[torch.Tensor], base: int, zero_rtol: float) -> Stats:
-    """Statistics of one chunk (one tensor row range per model, any float dtype), in few passes over memory.
+def chunk_stats(chunks: list[torch.Tensor], base: int, zero_rtol: float, rows_of: list[int] | None = None) -> Stats:
+    """Statistics of one chunk (one tensor row range per model, any float dtype), in few passes over memory; only
+    the Gram rows of the models at `rows_of` (default: all).
 
     A ones row appended to the float64 matrix makes the Gram carry the sums too; positive/negative change
     indicators P, M stacked as [P; M] give agreements (PPᵀ + MMᵀ) and conflicts (PMᵀ + MPᵀ) from one float32
@@ -80,11 +88,13 @@ def chunk_stats(chunks: list[torch.Tensor], base: int, zero_rtol: float) -> Stat
     signs[:count] = rows[:count] > threshold
     signs[count:] = rows[:count] < -threshold
     signs[base] = signs[count + base] = 0.0
-    gram = (rows @ rows.T).numpy()
-    blocks = (signs @ signs.T).double().numpy()
-    pp, pm, mp, mm = blocks[:count, :count], blocks[:count, count:], blocks[count:, :count], blocks[count:, count:]
-    return Stats(n=size, gram=gram[:count, :count].copy(), sums=gram[:count, count].copy(), agree=pp + mm,
-                 conflict=pm + mp)
+    picked = rows[:count] if rows_of is None else rows[rows_of]
+    picked_signs = signs if rows_of is None else signs[list(rows_of) + [count + i for i in rows_of]]
+    gram = (picked @ rows.T).numpy()
+    blocks = (picked_signs @ signs.T).double().numpy()
+    r = len(picked)
+    pp, pm, mp, mm = blocks[:r, :count], blocks[:r, count:], blocks[r:, :count], blocks[r:, count:]
+    return Stats(n=size, gram=gram[:, :count].copy(), sums=gram[:, count].copy(), agree=pp + mm, conflict=pm + mp)
 
 
 def scope_keys(name: str) -> list[Key]:
@@ -93,9 +103,10 @@ def scope_keys(name: str) -> list[Key]:
     return keys + ([("layer", layer, None)] if layer is not None else [])
 
 
-def accumulate(models: dict[str, Path], base: str, zero_rtol: float = ZERO_RTOL,
-               chunk_bytes: int = CHUNK_BYTES) -> dict[Key, Stats]:
-    """One streamed pass over every checkpoint: sufficient statistics per scope.
+def accumulate(models: dict[str, Path], base: str, zero_rtol: float = ZERO_RTOL, chunk_bytes: int = CHUNK_BYTES,
+               rows_of: list[str] | None = None) -> dict[Key, Stats]:
+    """One streamed pass over every checkpoint: sufficient statistics per scope (the Gram rows of the models named
+    in `rows_of` only, in that order, when given).
 
     Tensor names and shapes must agree (run `merging.preflight.check_structure` first; it is called here too).
     """
@@ -109,11 +120,12 @@ def accumulate(models: dict[str, Path], base: str, zero_rtol: float = ZERO_RTOL,
             raise PreflightError(problems)
         max_elements = max(1, min(chunk_bytes // (16 * len(names)), _EXACT_FLOAT32_COUNT - 1))
         base_index = names.index(base)
+        picked = None if rows_of is None else [names.index(name) for name in rows_of]
         totals: dict[Key, Stats] = {}
         tensor_names = checkpoints[base_index].names
         for name, chunks in tqdm(stream_chunks(checkpoints, tensor_names, max_elements), desc="weight features",
                                  disable=None, leave=False):
-            stats = chunk_stats(chunks, base_index, zero_rtol)
+            stats = chunk_stats(chunks, base_index, zero_rtol, picked)
             for key in scope_keys(name):
                 if key in totals:
                     totals[key] += stats
@@ -213,15 +225,90 @@ def code_version() -> str:
     return files_digest([Path(merging.streaming.__file__), Path(__file__)])
 
 
-def cache_key(models: dict[str, Path], base: str, groups: dict[str, tuple[str, ...]] | None,
-              zero_rtol: float) -> str:
-    return make_key("weight_features", code_version(), [[name, content_digest(path)] for name, path in models.items()],
-                     base, {k: list(v) for k, v in (groups or {}).items()}, zero_rtol)
+Pair = tuple[int, int]  # model indices i <= j: (i, i) is a model's own entry (its Gram diagonal and sums)
 
 
-def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path,
+def _pair_key(code: str, zero_rtol: float, digests: list[str], base: int, pair: Pair) -> str:
+    """An entry's key: its role (the base's own, a model's own, base × model, model × model; a copy of the base
+    must not share the base's entries) and the contents it depends on, the pair's in a fixed order."""
+    i, j = pair
+    role = ("base" if i == base else "own") if i == j else ("cross" if base in pair else "pair")
+    return make_key("weight_pair", code, zero_rtol, digests[base], role, sorted({digests[i], digests[j]}))
+
+
+def _entry(totals: dict[Key, Stats], row: int, column: int, own: bool) -> pl.DataFrame:
+    """One entry's statistics per scope, from row `row` and column `column` of `accumulate`'s partial totals."""
+    keys = list(totals)
+    return pl.DataFrame({
+        "scope": [k[0] for k in keys], "layer": [k[1] for k in keys], "module": [k[2] for k in keys],
+        "n": [totals[k].n for k in keys], "gram": [float(totals[k].gram[row, column]) for k in keys],
+        "agree": [float(totals[k].agree[row, column]) for k in keys],
+        "conflict": [float(totals[k].conflict[row, column]) for k in keys],
+        "sum": [float(totals[k].sums[row]) if own else None for k in keys]},
+        schema={"scope": pl.String, "layer": pl.Int64, "module": pl.String, "n": pl.Int64, "gram": pl.Float64,
+                "agree": pl.Float64, "conflict": pl.Float64, "sum": pl.Float64})
+
+
+def _compute_entries(models: dict[str, Path], base: str, missing: list[Pair],
+                     zero_rtol: float) -> dict[Pair, pl.DataFrame]:
+    """The missing entries from one streamed pass over the base and the models they involve, computing only the
+    Gram rows of a cover of them: the models missing their own entry (new ones), then one side of any pair left."""
+    names = list(models)
+    cover = sorted({i for i, j in missing if i == j})
+    for i, j in missing:
+        if i not in cover and j not in cover:
+            cover.append(j)
+    streamed = sorted({names.index(base), *(k for pair in missing for k in pair)})
+    totals = accumulate({names[k]: models[names[k]] for k in streamed}, base, zero_rtol,
+                        rows_of=None if cover == streamed else [names[k] for k in cover])
+    entries = {}
+    for i, j in missing:
+        row, column = (i, j) if i in cover else (j, i)
+        entries[(i, j)] = _entry(totals, cover.index(row), streamed.index(column), own=i == j)
+    return entries
+
+
+def _assemble(entries: dict[Pair, pl.DataFrame], size: int) -> dict[Key, Stats]:
+    """The whole N×N statistics per scope from every entry."""
+    totals: dict[Key, Stats] = {}
+    for (i, j), frame in entries.items():
+        for scope, layer, module, n, gram, agree, conflict, total in frame.iter_rows():
+            stats = totals.setdefault((scope, layer, module), Stats(n, np.zeros((size, size)), np.zeros(size),
+                                                                    np.zeros((size, size)), np.zeros((size, size))))
+            for field, value in (("gram", gram), ("agree", agree), ("conflict", conflict)):
+                getattr(stats, field)[i, j] = getattr(stats, field)[j, i] = value
+            if i == j:
+                stats.sums[i] = total
+    return totals
+
+
+def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path | None,
                            groups: dict[str, tuple[str, ...]] | None = None,
                            zero_rtol: float = ZERO_RTOL) -> tuple[pl.DataFrame, bool]:
-    """`weight_features`, kept in `cache_dir` by content of every model + code version; (rows, was_cached)."""
-    return cached_frame(cache_dir, "weight_features", ALL_MODELS, cache_key(models, base, groups, zero_rtol),
-                        lambda: weight_features(models, base, groups, zero_rtol))
+    """`weight_features` from statistics cached per pair in `cache_dir/weight_features` (by the contents of the
+    base and the pair, code version and `zero_rtol`): a run with new models computes only the pairs they are in.
+    Each entry is reported to the ledger (a model's own entry by its name, a pair as "a|b"; the misses share the
+    pass's seconds evenly). Returns (rows, whether every entry was cached)."""
+    if base not in models:
+        raise ValueError(f"base {base!r} is not one of the models ({', '.join(models)})")
+    names, code = list(models), code_version()
+    digests, base_index = [content_digest(models[name]) for name in names], names.index(base)
+    pairs = [(i, j) for i in range(len(names)) for j in range(i, len(names))]
+    folder = Path(cache_dir) / "weight_features" if cache_dir is not None else None
+    paths = {pair: folder / f"{_pair_key(code, zero_rtol, digests, base_index, pair)}.parquet" for pair in pairs} \
+        if folder is not None else {}
+    entries = {pair: read_cached(paths[pair], pl.read_parquet) if paths else None for pair in pairs}
+    missing = [pair for pair in pairs if entries[pair] is None]
+    started = time.perf_counter()
+    if missing:
+        computed = _compute_entries(models, base, missing, zero_rtol)
+        for pair, frame in computed.items():
+            if paths:
+                write_parquet(frame, paths[pair])
+            entries[pair] = frame
+    share = (time.perf_counter() - started) / max(1, len(missing))
+    for i, j in pairs:
+        hit = (i, j) not in missing
+        record(cache_dir, "weight_features", names[i] if i == j else f"{names[i]}|{names[j]}", hit,
+               0.0 if hit else share)
+    return feature_rows(_assemble(entries, len(names)), names, base, groups), not missing
