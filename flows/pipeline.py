@@ -31,7 +31,7 @@ from flows.run_store import RunDir
 from merging import checkpoints
 from merging.checkpoints import LoadOptions, resolve_source
 from merging.merge import MergeLineage, merge
-from merging.preflight import preflight
+from merging.preflight import cached_preflight
 from probing.similarity.weights import cached_weight_features
 from probing.store import CaptureJob, CaptureStore, ModelRef, model_ref
 from reports.cache import record
@@ -71,9 +71,10 @@ def merge_task(lineage: MergeLineage, parents: dict[str, Path], run: RunDir, con
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
-def preflight_task(parents: dict[str, Path], config: ExperimentConfig) -> list[str]:
-    """Fail before any merge is written when the parents cannot be merged meaningfully."""
-    warnings = preflight(parents, base=config.base, merge_dtype=config.precision)
+def preflight_task(parents: dict[str, Path], run: RunDir, config: ExperimentConfig) -> list[str]:
+    """Fail before any merge is written when the parents cannot be merged meaningfully (a passing check of the same
+    parents is remembered in the run's cache)."""
+    warnings = cached_preflight(parents, base=config.base, merge_dtype=config.precision, cache_dir=run.cache)
     for line in warnings:
         get_run_logger().warning("preflight: %s", line)
     return warnings
@@ -297,7 +298,7 @@ def run_study(config: ExperimentConfig, run: RunDir) -> list[Failure]:
     spec, failures = config.orchestration, []
     retrying = retry_options(spec)
     parents = dict(resolve_parents(config, run))
-    preflight_task(parents, config)
+    preflight_task(parents, run, config)
     lineages = merge_lineages(config)
     merged = {lineage.model: merge_task.with_options(**retrying).submit(lineage, parents, run, config)
               for lineage in lineages}

@@ -11,14 +11,19 @@ with (mixed dtypes, padded embedding rows) comes back as warnings.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
-from merging.checkpoints import CheckpointError, checkpoint_problems
+import merging.checkpoints
+import merging.streaming
+from merging.checkpoints import CheckpointError, checkpoint_problems, content_digest
 from merging.family import TOKENIZER_PROBE
 from merging.streaming import FLOAT_DTYPES, StreamedCheckpoint, row_chunks
+from reports.cache import ALL_MODELS, cache_key, code_version, record
 from reports.errors import UserError
+from reports.tables import atomic_write_text, read_cached
 
 TIED_HEAD = "lm_head.weight"  # absent from a checkpoint whose output head is its input embedding
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "embed_in")
@@ -181,4 +186,27 @@ def preflight(models: dict[str, Path], base: str | None = None, merge_dtype: str
             checkpoint.close()
     if problems:
         raise PreflightError(problems)
+    return warnings
+
+
+def cached_preflight(models: dict[str, Path], base: str | None, merge_dtype: str | None,
+                     cache_dir: Path) -> list[str]:
+    """`preflight`'s warnings, remembered in `cache_dir/preflight` when it passed, by the checkpoints' contents,
+    the settings and this code: the same parents are not scanned again on every run (the value scan streams every
+    parent). A damaged folder is named before its content is digested; a failing check is never remembered."""
+    damaged = [f"checkpoint: {name!r}: {problem}" for name, folder in models.items()
+               for problem in checkpoint_problems(folder, allow_pickle=True)]
+    if damaged:
+        raise PreflightError(damaged)
+    key = cache_key("preflight", code_version(__file__, merging.streaming.__file__, merging.checkpoints.__file__),
+                    [[name, content_digest(folder)] for name, folder in models.items()], base, merge_dtype)
+    entry = Path(cache_dir) / "preflight" / f"{key}.json"
+    warnings = read_cached(entry, lambda path: json.loads(path.read_text()))
+    if warnings is not None:
+        record(cache_dir, "preflight", ALL_MODELS, True)
+        return warnings
+    started = time.perf_counter()
+    warnings = preflight(models, base, merge_dtype)
+    atomic_write_text(entry, json.dumps(warnings))
+    record(cache_dir, "preflight", ALL_MODELS, False, time.perf_counter() - started)
     return warnings

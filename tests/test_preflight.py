@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tokenizer, save_tiny, tiny_config
 from flows.cli import main
 from merging.family import load_state_dict
-from merging.preflight import PreflightError, preflight
+from merging.preflight import PreflightError, cached_preflight, preflight
+from reports.cache import read_ledger
 
 
 def _copy(source: Path, target: Path) -> Path:
@@ -124,3 +125,20 @@ def test_cli_reports_preflight_problems_as_user_errors(variants, tmp_path, monke
     assert lines[0].startswith("error: config: 'arch' has architectures=['MistralForCausalLM']")
     assert any(line.startswith("error: embeddings: 'base' ties its output head") for line in lines)
     assert not any("Traceback" in line for line in lines)
+
+
+def test_a_passing_preflight_is_remembered_by_content(variants, tmp_path, monkeypatch):
+    """The same parents are not scanned again; changed content is, and a failing check is never remembered."""
+    import merging.preflight
+
+    scans = []
+    scan = merging.preflight.check_values
+    monkeypatch.setattr(merging.preflight, "check_values", lambda checkpoints: scans.append(1) or scan(checkpoints))
+    models = {"base": _copy(variants["base"], tmp_path / "base"), "a": variants["a"]}
+    assert cached_preflight(models, "base", "float32", tmp_path / "cache") == []
+    assert cached_preflight(models, "base", "float32", tmp_path / "cache") == []
+    assert len(scans) == 1
+    _edit_config(models["base"], architectures=["MistralForCausalLM"])
+    with pytest.raises(PreflightError, match="MistralForCausalLM"):
+        cached_preflight(models, "base", "float32", tmp_path / "cache")
+    assert read_ledger(tmp_path / "cache").select("hit").to_series().to_list() == [False, True]
