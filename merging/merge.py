@@ -89,9 +89,6 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
           dtype: str = "float32", trust_remote_code: bool = False, cache_dir: Path | None = None) -> dict:
     """Merge `lineage.parents` (over `lineage.base`) into `out`; returns the manifest. Reuses a matching result
     (reported to the ledger in `cache_dir`, when given)."""
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
     method = METHODS[lineage.method]
     needed = list(lineage.parents) + ([lineage.base] if method.uses_base and lineage.base else [])
     parent_dirs = {name: Path(model_dirs[name]) for name in needed}
@@ -105,12 +102,16 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
         CACHE_LOG.warning("merge %s: %s; merging again", lineage.model, "; ".join(damaged))
 
     started = time.perf_counter()
+    from mergekit.config import MergeConfiguration  # seconds to import: only when merging (not on a hit)
+    from mergekit.merge import MergeOptions, run_merge
+
     config = mergekit_config(method, lineage.parameters, [str(parent_dirs[p]) for p in lineage.parents],
                              str(parent_dirs[lineage.base]) if method.uses_base else None, dtype)
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=True, low_cpu_memory=False, random_seed=seed,
                            trust_remote_code=trust_remote_code, safe_serialization=True, quiet=True,
                            write_model_card=False)
     sparsify.install()
+    merge_started = time.perf_counter()  # the manifest's wall time: mergekit's work, not its import
     with atomic_dir(out) as build:
         with PeakRss() as memory:
             try:
@@ -125,7 +126,7 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
             "requested_parameters": lineage.parameters, "parents": list(lineage.parents),
             "base": lineage.base if method.uses_base else None, "mergekit_version": version("mergekit"),
             "mergekit_config": config, "seed": seed, "dtype": dtype,
-            "wall_seconds": round(time.perf_counter() - started, 3),
+            "wall_seconds": round(time.perf_counter() - merge_started, 3),
             "peak_rss_mb": round(memory.peak / 2**20, 1), "input_key": key,
         }
         (build / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -93,8 +93,12 @@ def test_first_run_misses_everything_and_a_second_run_hits_everything(finished, 
         assert frame.equals(first_tables[name]), f"{name} changed on a run that recomputed nothing"
 
 
-def test_adding_a_method_computes_only_the_new_merges_stages(finished, tiny_family, tmp_path, load_counter):
+def test_adding_a_method_computes_only_the_new_merges_stages(finished, tiny_family, tmp_path, load_counter,
+                                                           monkeypatch):
     from flows.pipeline import merge_eval
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from bench_e2e import incremental_breakdown
 
     run = RunDir(tmp_path / "run")
     shutil.copytree(finished[0].root, run.root, symlinks=True)
@@ -110,6 +114,13 @@ def test_adding_a_method_computes_only_the_new_merges_stages(finished, tiny_fami
     misses = ledger.filter(~pl.col("hit"))
     assert (misses["seconds"] > 0).all(), "every computed stage says what it cost"
     assert (ledger.filter(pl.col("hit"))["seconds"] == 0).all()
+    breakdown = incremental_breakdown(100.0, ledger)  # what bench/bench_e2e.py reports of this run
+    assert breakdown["new_models"] == [new]
+    assert set(breakdown["own_by_stage"]) == {"merge", "behavior", "captures", "probes", "weight_features",
+                                              "functional_similarity"}
+    assert set(breakdown["overhead_by_stage"]) == set(WHOLE_RUN) - {"preflight"}
+    assert breakdown["own_s"] + sum(breakdown["overhead_by_stage"].values()) == pytest.approx(misses["seconds"].sum())
+    assert breakdown["unaccounted_s"] == pytest.approx(100.0 - misses["seconds"].sum())
     assert decided(ledger, hit=True) == decisions(MODELS, MODELS[3:]) - {
         (s, ALL_MODELS) for s in WHOLE_RUN if s != "preflight"}
     assert set(load_counter) == {run.model_dir(new).resolve()}, "only the new merge is loaded"
