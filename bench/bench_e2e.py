@@ -53,8 +53,8 @@ def incremental_breakdown(wall: float, ledger: pl.DataFrame) -> dict:
     new = set(ledger.filter((pl.col("stage") == "merge") & ~pl.col("hit"))["model"])
     own = ledger.filter(own_stages(ledger, new))
     other = ledger.filter(~own_stages(ledger, new) & ~pl.col("hit"))
-    by_stage = lambda frame: {stage: round(s, 2) for stage, s in  # noqa: E731
-                              frame.group_by("stage").agg(pl.col("seconds").sum()).sort("stage").iter_rows()}
+    by_stage = lambda frame: dict(  # noqa: E731
+        frame.group_by("stage").agg(pl.col("seconds").sum()).sort("stage").iter_rows())
     own_s, other_s = own["seconds"].sum(), other["seconds"].sum()
     return {"new_models": sorted(new), "own_s": own_s, "own_by_stage": by_stage(own), "ratio": wall / own_s,
             "overhead_by_stage": by_stage(other), "unaccounted_s": wall - own_s - other_s}
