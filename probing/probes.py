@@ -113,68 +113,62 @@ def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
     """Damped Newton on F(f) = Σ_i CE(f_i Q, y_i) + lam/2 tr(fᵀ Ω f) over logits f [n, K] (K = C-1), batched over
     layers (the kernel's L) and groups (y [G, n], lam [L, G]). Returns f [L, G, n, K].
 
-    The first step, from f = 0, is free: there every item has the same curvature d0 (1/4 binary, 1/C multinomial),
-    so the Hessian d0 I + lam Ω is diagonal in K's eigenbasis, for every C value and label set. Later steps factor
-    the Hessian; for multinomial problems its system (nK x nK) is solved by conjugate gradients preconditioned
-    with its K diagonal n x n blocks, so each step costs K Cholesky factorisations of n x n instead of one of
-    nK x nK. Problems leave the batch as they converge."""
+    Each Newton system (nK x nK) is solved by conjugate gradients in K's eigenbasis, where the penalty is diagonal,
+    preconditioned by the Hessian with every item's curvature replaced by its mean (also diagonal there): no
+    factorisation, only products with the layer's n x n basis, shared by all its groups. At f = 0 every item has
+    the same curvature, so there the preconditioner is the Hessian and the first step is exact at once. An exact
+    line search sizes each step (_line_search). Problems leave the batch as they converge."""
     basis = kernel.basis
     layers, n, _ = basis.shape
     groups, k = y.shape[0], q.shape[0]
-    omega = (basis * kernel.omega[:, None]) @ basis.transpose(1, 2)  # [L, n, n]
-    omega = (omega + omega.transpose(1, 2)) / 2
     onehot = torch.nn.functional.one_hot(y, q.shape[1]).double()  # [G, n, C]
     f = torch.zeros(layers, groups, n, k, dtype=torch.float64)
+    omega_f = torch.zeros_like(f)  # Ω f, kept up to date step by step
     active = torch.ones(layers, groups, dtype=torch.bool)
     coordinate_curvature = q ** 2  # [K, C]: diag of Q (diag p - p pᵀ) Qᵀ is p @ (Q²)ᵀ - (p @ Qᵀ)²
-
-    def by_layer(v: torch.Tensor) -> torch.Tensor:  # Ω v for every group of a layer in one pass over Ω
-        return (omega @ v.permute(0, 2, 1, 3).reshape(layers, n, -1)).reshape(layers, n, groups, k).transpose(1, 2)
 
     def cross_entropy(ff: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
         logits = ff @ q
         return (torch.logsumexp(logits, -1) - (logits * hot).sum(-1)).sum(-1)
 
-    for iteration in range(max_iter):
+    for _ in range(max_iter):
         li, gi = active.nonzero(as_tuple=True)
         if len(li) == 0:
             break
-        omega_f = by_layer(f)[li, gi]
+
+        def layer_times(matrix: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """matrix [L, n, n] @ v [B, n, K] for the active problems, one product per layer for all its groups,
+            as rows times matrixᵀ: torch's CPU bmm is ~2x slower with the few columns on the right."""
+            width = v.shape[2]
+            rows = torch.zeros(layers, groups, width, n, dtype=v.dtype)
+            rows[li, gi] = v.transpose(1, 2)
+            out = rows.reshape(layers, groups * width, n) @ matrix.transpose(1, 2)
+            return out.reshape(layers, groups, width, n)[li, gi].transpose(1, 2)
+
         ff, hot, lm = f[li, gi], onehot[gi], lam[li, gi, None, None]
         prob = torch.softmax((ff @ q).transpose(1, 2), 1).transpose(1, 2)  # [B, n, C] (see _line_search)
-        grad = (prob - hot) @ q.T + lm * omega_f  # [B, n, K]
-        # [B, n, K]: the Hessian's block diagonals, kept off 0 where items saturate (p = 0 or 1 exactly in float64),
-        # which would leave the intercept direction without curvature and the factorisation singular
-        curvature = (prob @ coordinate_curvature.T - (prob @ q.T) ** 2).clamp_min(1e-12)
-        if iteration == 0:  # f = 0: curvature is d0 everywhere, the Hessian diagonal in K's eigenbasis
-            eigen = basis[li]
-            step = -eigen @ ((eigen.transpose(1, 2) @ grad) / (curvature[:, :1] + lm * kernel.omega[li, :, None]))
-        else:
-            stiffness = lm * omega[li]  # [B, n, n]
-            # [B, K, n, n]: one block per logit coordinate (block-Jacobi); binary problems need no copy
-            hess = stiffness[:, None].repeat(1, k, 1, 1) if k > 1 else stiffness[:, None]
-            hess.diagonal(dim1=2, dim2=3).add_(curvature.transpose(1, 2))
-            chol, _ = torch.linalg.cholesky_ex(hess)
+        grad = (prob - hot) @ q.T + lm * omega_f[li, gi]  # [B, n, K]
+        curvature = prob @ coordinate_curvature.T - (prob @ q.T) ** 2  # [B, n, K]: the Hessian's diagonal
+        penalty = lm * kernel.omega[li, :, None]  # [B, n, 1]: lam Ω in the eigenbasis
 
-            def blocks_solve(v: torch.Tensor) -> torch.Tensor:  # [B, n, K] -> the block-Jacobi system's solution
-                return torch.cholesky_solve(v.transpose(1, 2)[..., None], chol)[..., 0].transpose(1, 2)
+        def hess_times(c: torch.Tensor) -> torch.Tensor:  # the Hessian in the eigenbasis (c [B, n, K] coordinates)
+            vq = layer_times(basis, c) @ q
+            data = (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T
+            return layer_times(basis.transpose(1, 2), data) + penalty * c
 
-            def hess_times(v: torch.Tensor) -> torch.Tensor:  # the full Hessian, cross-coordinate curvature included
-                vq = v @ q
-                return (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T + stiffness @ v
-
-            # Inexact Newton: relative residual min(0.1, sqrt|g|) keeps the steps superlinear at a few CG iterations
-            forcing = grad.flatten(1).norm(dim=1).sqrt().clamp(max=0.1)
-            step = _preconditioned_cg(hess_times, blocks_solve, -grad, forcing) if k > 1 else blocks_solve(-grad)
+        scale = 1 / (curvature.mean(1, keepdim=True) + penalty)
+        # Inexact Newton: relative residual min(0.1, sqrt|g|) keeps the steps superlinear at a few CG iterations
+        forcing = grad.flatten(1).norm(dim=1).sqrt().clamp(max=0.1)
+        coords = _preconditioned_cg(hess_times, lambda r: scale * r, -layer_times(basis.transpose(1, 2), grad),
+                                    forcing)
+        step, omega_step = layer_times(basis, torch.cat([coords, kernel.omega[li, :, None] * coords], 2)).split(k, 2)
         decrement = -(grad * step).sum((1, 2))
-        full_step = torch.zeros_like(f)
-        full_step[li, gi] = step
-        omega_step = by_layer(full_step)[li, gi]
         lm = lm[:, 0, 0]
         size = _line_search(ff @ q, step @ q, hot, lm * (ff * omega_step).sum((1, 2)),
-                            lm * (step * omega_step).sum((1, 2)), longest=1.0 if iteration == 0 else 16.0)
+                            lm * (step * omega_step).sum((1, 2)))
         f[li, gi] = ff + size[:, None, None] * step
-        base = cross_entropy(ff, hot) + lm / 2 * (ff * omega_f).sum((1, 2))
+        omega_f[li, gi] += size[:, None, None] * omega_step
+        base = cross_entropy(ff, hot) + lm / 2 * (ff * omega_f[li, gi]).sum((1, 2))
         active[li, gi] = decrement > tol * (1 + base.abs())
     return f
 
