@@ -127,6 +127,8 @@ def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
     active = torch.ones(layers, groups, dtype=torch.bool)
     coordinate_curvature = q ** 2  # [K, C]: diag of Q (diag p - p pᵀ) Qᵀ is p @ (Q²)ᵀ - (p @ Qᵀ)²
 
+    basis32 = basis.float()
+
     def cross_entropy(ff: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
         logits = ff @ q
         return (torch.logsumexp(logits, -1) - (logits * hot).sum(-1)).sum(-1)
@@ -152,9 +154,10 @@ def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
         penalty = lm * kernel.omega[li, :, None]  # [B, n, 1]: lam Ω in the eigenbasis
 
         def hess_times(c: torch.Tensor) -> torch.Tensor:  # the Hessian in the eigenbasis (c [B, n, K] coordinates)
-            vq = layer_times(basis, c) @ q
+            # basis products in float32 (2x faster): they only shape the step, float64 gradients fix the optimum
+            vq = layer_times(basis32, c.float()).double() @ q
             data = (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T
-            return layer_times(basis.transpose(1, 2), data) + penalty * c
+            return layer_times(basis32.transpose(1, 2), data.float()).double() + penalty * c
 
         scale = 1 / (curvature.mean(1, keepdim=True) + penalty)
         # Inexact Newton: relative residual min(0.1, sqrt|g|) keeps the steps superlinear at a few CG iterations
