@@ -127,7 +127,6 @@ def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
     omega_f = torch.zeros_like(f)  # Ω f, kept up to date step by step
     active = torch.ones(layers, groups, dtype=torch.bool)
     coordinate_curvature = q ** 2  # [K, C]: diag of Q (diag p - p pᵀ) Qᵀ is p @ (Q²)ᵀ - (p @ Qᵀ)²
-
     basis32 = basis.float()
 
     def cross_entropy(ff: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
@@ -172,10 +171,10 @@ def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
         lm = lm[:, 0, 0]
         size = _line_search(ff @ q, step @ q, hot, lm * (ff * omega_step).sum((1, 2)),
                             lm * (step * omega_step).sum((1, 2)))
+        objective = cross_entropy(ff, hot) + lm / 2 * (ff * omega_f[li, gi]).sum((1, 2))
         f[li, gi] = ff + size[:, None, None] * step
         omega_f[li, gi] += size[:, None, None] * omega_step
-        base = cross_entropy(ff, hot) + lm / 2 * (ff * omega_f[li, gi]).sum((1, 2))
-        active[li, gi] = decrement > tol * (1 + base.abs())
+        active[li, gi] = decrement > tol * (1 + objective.abs())
     return f
 
 
