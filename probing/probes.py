@@ -36,58 +36,66 @@ def standardise(features: torch.Tensor, train: np.ndarray) -> torch.Tensor:
     return (features - mean) / std
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: torch.Tensor, classes: int,
+@dataclass(frozen=True)
+class Kernel:
+    """What every logistic fit on the same training rows shares, computed once per task: the rows' mean, the
+    centred rows x_c (float64), and the eigendecomposition of the kernel K = x_c x_cᵀ per layer. In that basis the
+    penalty Ω and K⁺ are diagonal (_newton works there)."""
+
+    mean: torch.Tensor  # [L, 1, d]
+    centred: torch.Tensor  # [L, n, d]
+    basis: torch.Tensor  # [L, n, n] eigenvectors of K (columns); the last one is the constant 1/√n
+    omega: torch.Tensor  # [L, n] the penalty Ω's eigenvalues: 1/s, 0 for the constant, stiff outside span(K)
+    inverse: torch.Tensor  # [L, n] K⁺'s eigenvalues: 1/s, 0 for the constant and outside span(K)
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Kernel":
+        """Adding t·J (J = 11ᵀ/n, t above K's spectrum) makes the constant K's top eigenvector, apart from the
+        others. Where x spans fewer than n - 1 directions, logits outside span(K) + constant are impossible: a
+        stiff penalty (1e10 / K's mean eigenvalue) there instead of an infinite one."""
+        x64 = x.double()
+        mean = x64.mean(1, keepdim=True)
+        centred = x64 - mean
+        gram = centred @ centred.transpose(1, 2)
+        n = gram.shape[-1]
+        trace = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None]  # >= K's top eigenvalue
+        eig, basis = torch.linalg.eigh(gram + ((2 * trace + 1) / n)[..., None] * torch.ones(n, n, dtype=gram.dtype))
+        eig = eig[:, :-1]
+        keep = eig > eig[:, -1:] * 1e-10
+        inverse = torch.where(keep, 1 / eig.clamp_min(1e-300), torch.zeros_like(eig))
+        omega = torch.where(keep, inverse, 1e10 * n / trace.clamp_min(1e-300))
+        zero = torch.zeros(len(eig), 1, dtype=eig.dtype)
+        return cls(mean, centred, basis, torch.cat([omega, zero], 1), torch.cat([inverse, zero], 1))
+
+
+def fit_logistic(x: torch.Tensor | Kernel, y: torch.Tensor, l2: torch.Tensor, classes: int,
                  max_iter: int = 100, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise, for every layer l and group g at once, mean CE(x[l] W + b, y[g]) + l2[l,g]/2 |W|², exactly
     scikit-learn's LogisticRegression at C = 1 / (l2 * n): binary as one sigmoid weight vector, more classes as a
     full multinomial (softmax) with every class's weights penalised, the intercept never.
 
-    x: [L, n, d]; y: [G, n] class indices; l2: [L, G]. Returns W [L, G, d, C], b [L, G, C] (for two classes the
-    class-0 column is zero, so softmax of the logits is the sigmoid). tol: stop a problem when its Newton
-    decrement falls below tol x (1 + objective), the objective being the summed (not mean) loss.
+    x: [L, n, d] (or its Kernel, to share it between fits); y: [G, n] class indices; l2: [L, G]. Returns
+    W [L, G, d, C], b [L, G, C] (for two classes the class-0 column is zero, so softmax of the logits is the
+    sigmoid). tol: stop a problem when its Newton decrement falls below tol x (1 + objective), the objective
+    being the summed (not mean) loss.
 
-    Hand-written rather than a scikit-learn loop: one batched solve is several times faster on the stage's
-    shapes (bench/bench_probes.py, docs/PERFORMANCE.md).
+    Hand-written rather than a scikit-learn loop (or scipy's solvers, one problem at a time): one batched solve
+    that shares each layer's kernel between all its C values and label sets is an order of magnitude faster on
+    the stage's shapes (bench/bench_probes.py, docs/PERFORMANCE.md).
     By the representer theorem W = x_cᵀ α (x_c: x centred over items, which moves only the intercept), so each
     problem is one over the n training logits f = x_c W + b alone: minimise Σ CE(f) + λ/2 fᵀ K⁺ f with the
     kernel K = x_c x_cᵀ (n ~ 120 unknowns against d = 576-3584; K⁺ ignores the constant, i.e. the intercept).
-    There the Hessian is per-item curvature plus the shared λ K⁺, formed in O(n²), and damped Newton runs on all
-    L x G problems at once: one batched Cholesky per step, ~10 steps to machine precision.
+    In K's eigenbasis (one eigendecomposition per layer) the penalty is diagonal, and Newton-CG runs on all
+    L x G problems at once (_newton), ~5-10 steps to machine precision.
     """
-    x64 = x.double()
-    mean = x64.mean(1, keepdim=True)
-    centred = x64 - mean
+    kernel = x if isinstance(x, Kernel) else Kernel.of(x)
     q = _logit_basis(classes)
-    omega, pinv = _kernel_penalty(centred @ centred.transpose(1, 2))
-    f = _newton(omega, y, (l2 * x.shape[1]).double(), q, max_iter, tol)  # [L, G, n, C-1]
-    weight = torch.einsum("lnd,lgnk,kc->lgdc", centred, pinv[:, None] @ f, q)  # W = x_cᵀ α, α = K⁺ f
-    bias = f.mean(2) @ q - torch.einsum("ld,lgdc->lgc", mean[:, 0], weight)
+    f = _newton(kernel, y, (l2 * kernel.centred.shape[1]).double(), q, max_iter, tol)  # [L, G, n, C-1]
+    basis = kernel.basis[:, None]
+    alpha = basis @ (kernel.inverse[:, None, :, None] * (basis.transpose(2, 3) @ f))  # α = K⁺ f
+    weight = torch.einsum("lnd,lgnk,kc->lgdc", kernel.centred, alpha, q)  # W = x_cᵀ α
+    bias = f.mean(2) @ q - torch.einsum("ld,lgdc->lgc", kernel.mean[:, 0], weight)
     return weight.float(), bias.float()
-
-
-def _kernel_penalty(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ω = K⁺ for centred kernels K [L, n, n] (the constant vector in their null space): one Cholesky,
-    K⁺ = (K + J)⁻¹ - J with J = 11ᵀ/n, where x spans n - 1 directions (always, for d >= n and distinct items).
-    Where it spans fewer, logits outside span(K) + constant are impossible: K⁺ from the eigendecomposition plus a
-    stiff penalty (1e10 / K's mean eigenvalue) on those directions. Returns (Ω, K⁺): K⁺ alone maps logits to W."""
-    n = gram.shape[-1]
-    ones = torch.full((n, n), 1.0 / n, dtype=gram.dtype)
-    chol, info = torch.linalg.cholesky_ex(gram + ones)
-    pivots = chol.diagonal(dim1=1, dim2=2) ** 2
-    full = (info == 0) & (pivots.amin(-1) > 1e-10 * gram.diagonal(dim1=1, dim2=2).mean(-1))
-    omega = torch.cholesky_inverse(torch.where(full[:, None, None], chol, torch.eye(n, dtype=gram.dtype))) - ones
-    omega = (omega + omega.transpose(1, 2)) / 2
-    if full.all():
-        return omega, omega
-    pinv = omega.clone()
-    eig, u = torch.linalg.eigh(gram[~full])
-    keep = eig > eig[:, -1:] * 1e-10
-    inv = torch.where(keep, 1 / eig.clamp_min(1e-300), torch.zeros_like(eig))
-    outside = (u * ~keep[:, None]) @ u.transpose(1, 2) - ones  # projector on the impossible directions
-    pinv[~full] = (u * inv[:, None]) @ u.transpose(1, 2)
-    stiff = 1e10 / gram[~full].diagonal(dim1=1, dim2=2).mean(-1)  # 1e10 / the mean eigenvalue of K
-    omega[~full] = pinv[~full] + stiff[:, None, None] * outside
-    return omega, pinv
 
 
 def _logit_basis(classes: int) -> torch.Tensor:
@@ -101,22 +109,25 @@ def _logit_basis(classes: int) -> torch.Tensor:
     return torch.linalg.svd(centred)[2][:classes - 1]  # the top C-1 right singular vectors span the zero-sum space
 
 
-def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, max_iter: int,
+def _newton(kernel: Kernel, y: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, max_iter: int,
             tol: float) -> torch.Tensor:
     """Damped Newton on F(f) = Σ_i CE(f_i Q, y_i) + lam/2 tr(fᵀ Ω f) over logits f [n, K] (K = C-1), batched over
-    layers (omega [L, n, n]) and groups (y [G, n], lam [L, G]). Returns f [L, G, n, K]. For multinomial problems
-    the Newton system (nK x nK) is solved by conjugate gradients preconditioned with its K diagonal n x n blocks,
-    so each step costs K Cholesky factorisations of n x n instead of one of nK x nK. Problems leave the batch as
-    they converge."""
-    layers, n, _ = omega.shape
+    layers (the kernel's L) and groups (y [G, n], lam [L, G]). Returns f [L, G, n, K].
+
+    Each Newton system (nK x nK) is solved by conjugate gradients in K's eigenbasis, where the penalty is diagonal,
+    preconditioned by the Hessian with every item's curvature replaced by its mean (also diagonal there): no
+    factorisation, only products with the layer's n x n basis, shared by all its groups. At f = 0 every item has
+    the same curvature, so there the preconditioner is the Hessian and the first step is exact at once. An exact
+    line search sizes each step (_line_search). Problems leave the batch as they converge."""
+    basis = kernel.basis
+    layers, n, _ = basis.shape
     groups, k = y.shape[0], q.shape[0]
     onehot = torch.nn.functional.one_hot(y, q.shape[1]).double()  # [G, n, C]
     f = torch.zeros(layers, groups, n, k, dtype=torch.float64)
+    omega_f = torch.zeros_like(f)  # Ω f, kept up to date step by step
     active = torch.ones(layers, groups, dtype=torch.bool)
     coordinate_curvature = q ** 2  # [K, C]: diag of Q (diag p - p pᵀ) Qᵀ is p @ (Q²)ᵀ - (p @ Qᵀ)²
-
-    def by_layer(v: torch.Tensor) -> torch.Tensor:  # Ω v for every group of a layer in one pass over Ω
-        return (omega @ v.permute(0, 2, 1, 3).reshape(layers, n, -1)).reshape(layers, n, groups, k).transpose(1, 2)
+    basis32 = basis.float()
 
     def cross_entropy(ff: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
         logits = ff @ q
@@ -126,46 +137,75 @@ def _newton(omega: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, q: torch.Te
         li, gi = active.nonzero(as_tuple=True)
         if len(li) == 0:
             break
-        omega_f = by_layer(f)[li, gi]
+
+        def layer_times(matrix: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """matrix [L, n, n] @ v [B, n, K] for the active problems, one product per layer for all its groups,
+            as rows times matrixᵀ: torch's CPU bmm is ~2x slower with the few columns on the right."""
+            width = v.shape[2]
+            rows = torch.zeros(layers, groups, width, n, dtype=v.dtype)
+            rows[li, gi] = v.transpose(1, 2)
+            out = rows.reshape(layers, groups * width, n) @ matrix.transpose(1, 2)
+            return out.reshape(layers, groups, width, n)[li, gi].transpose(1, 2)
+
         ff, hot, lm = f[li, gi], onehot[gi], lam[li, gi, None, None]
-        prob = torch.softmax(ff @ q, -1)  # [B, n, C]
-        grad = (prob - hot) @ q.T + lm * omega_f  # [B, n, K]
-        stiffness = lm * omega[li]  # [B, n, n]
-        # [B, K, n, n]: one block per logit coordinate (block-Jacobi); binary problems need no copy of stiffness
-        hess = stiffness[:, None].repeat(1, k, 1, 1) if k > 1 else stiffness[:, None]
-        hess.diagonal(dim1=2, dim2=3).add_((prob @ coordinate_curvature.T - (prob @ q.T) ** 2).transpose(1, 2))
-        chol, _ = torch.linalg.cholesky_ex(hess)
+        prob = torch.softmax((ff @ q).transpose(1, 2), 1).transpose(1, 2)  # [B, n, C] (see _line_search)
+        grad = (prob - hot) @ q.T + lm * omega_f[li, gi]  # [B, n, K]
+        curvature = prob @ coordinate_curvature.T - (prob @ q.T) ** 2  # [B, n, K]: the Hessian's diagonal
+        penalty = lm * kernel.omega[li, :, None]  # [B, n, 1]: lam Ω in the eigenbasis
 
-        def blocks_solve(v: torch.Tensor) -> torch.Tensor:  # [B, n, K] -> the block-Jacobi system's solution
-            return torch.cholesky_solve(v.transpose(1, 2)[..., None], chol)[..., 0].transpose(1, 2)
+        def hess_times(c: torch.Tensor) -> torch.Tensor:  # the Hessian in the eigenbasis (c [B, n, K] coordinates)
+            # basis products in float32 (2x faster): they only shape the step, float64 gradients fix the optimum
+            vq = layer_times(basis32, c.float()).double() @ q
+            data = (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T
+            return layer_times(basis32.transpose(1, 2), data.float()).double() + penalty * c
 
-        def hess_times(v: torch.Tensor) -> torch.Tensor:  # the full Hessian, cross-coordinate curvature included
-            vq = v @ q
-            return (prob * vq - prob * (prob * vq).sum(-1, keepdim=True)) @ q.T + stiffness @ v
-
-        # Inexact Newton: relative residual min(0.1, sqrt|g|) keeps the steps superlinear at a few CG iterations.
+        scale = 1 / (curvature.mean(1, keepdim=True) + penalty)
+        # Inexact Newton: relative residual min(0.1, sqrt|g|) keeps the steps superlinear at a few CG iterations;
+        # capped at 8 (truncated Newton): the worst problem sets the batch's count, and a cheap extra Newton step
+        # serves it better than many CG iterations for all (bench: ~30% fewer basis products)
         forcing = grad.flatten(1).norm(dim=1).sqrt().clamp(max=0.1)
-        step = _preconditioned_cg(hess_times, blocks_solve, -grad, forcing) if k > 1 else blocks_solve(-grad)
+        coords = _preconditioned_cg(hess_times, lambda r: scale * r, -layer_times(basis.transpose(1, 2), grad),
+                                    forcing, max_iter=8)
+        step, omega_step = layer_times(basis, torch.cat([coords, kernel.omega[li, :, None] * coords], 2)).split(k, 2)
         decrement = -(grad * step).sum((1, 2))
-        # Backtracking (Armijo) per problem: halve the step of those whose objective did not drop enough. The
-        # penalty along the step is a quadratic in its size, so only the cross-entropy is re-evaluated.
-        full_step = torch.zeros_like(f)
-        full_step[li, gi] = step
-        omega_step = by_layer(full_step)[li, gi]
-        lm = lm[:, 0, 0] / 2
-        pen = [lm * (a * b).sum((1, 2)) for a, b in ((ff, omega_f), (ff, omega_step), (step, omega_step))]
-        base = cross_entropy(ff, hot) + pen[0]
-        size = torch.ones(len(li), dtype=torch.float64)
-        for _ in range(30):
-            penalty = pen[0] + 2 * size * pen[1] + size ** 2 * pen[2]
-            trial = cross_entropy(ff + size[:, None, None] * step, hot) + penalty
-            short = trial > base - 1e-4 * size * decrement
-            if not short.any():
-                break
-            size = torch.where(short, size / 2, size)
+        lm = lm[:, 0, 0]
+        size = _line_search(ff @ q, step @ q, hot, lm * (ff * omega_step).sum((1, 2)),
+                            lm * (step * omega_step).sum((1, 2)))
+        objective = cross_entropy(ff, hot) + lm / 2 * (ff * omega_f[li, gi]).sum((1, 2))
         f[li, gi] = ff + size[:, None, None] * step
-        active[li, gi] = decrement > tol * (1 + base.abs())
+        omega_f[li, gi] += size[:, None, None] * omega_step
+        active[li, gi] = decrement > tol * (1 + objective.abs())
     return f
+
+
+def _line_search(logits: torch.Tensor, direction: torch.Tensor, hot: torch.Tensor, cross: torch.Tensor,
+                 square: torch.Tensor, iterations: int = 8, longest: float = 16.0) -> torch.Tensor:
+    """The step size t minimising φ(t) = Σ CE(logits + t direction) + t cross + t²/2 square per problem (logits,
+    direction [B, n, C]; the penalty's terms cross, square [B]), by safeguarded 1-D Newton in a bracket. Unlike
+    backtracking from t = 1 it also lengthens steps: where items are far out on the loss's exponential tail,
+    Newton moves their margins by only ~1 per step, and the exact size takes several of those at once.
+    φ is convex and φ'(0) < 0 (a descent direction), so its minimiser is > 0; sizes stay <= longest, where
+    rounding noise in φ' of a converged problem (a tiny step) could otherwise send one far out."""
+    size = torch.ones_like(cross)
+    low, high = torch.zeros_like(cross), torch.full_like(cross, longest)
+    low_slope, high_slope = torch.full_like(cross, -math.inf), torch.full_like(cross, math.inf)
+    # classes before items: softmax and sums over a short last axis are ~10x slower on CPU
+    logits, direction, hot = (t.transpose(1, 2).contiguous() for t in (logits, direction, hot))
+    for _ in range(iterations):
+        prob = torch.softmax(logits + size[:, None, None] * direction, 1)
+        along = (prob * direction).sum(1)  # [B, n]
+        slope = ((prob - hot) * direction).sum((1, 2)) + cross + size * square
+        curvature = ((prob * direction ** 2).sum(1) - along ** 2).sum(-1) + square
+        left = slope < 0
+        low, high = torch.where(left, size, low), torch.where(left, high, size)
+        low_slope, high_slope = torch.where(left, slope, low_slope), torch.where(left, high_slope, slope)
+        newton = size - slope / curvature.clamp_min(1e-300)
+        # outside the bracket: the secant of φ' across it (kept off its ends), or `longest` while no φ' > 0 is known
+        width = high - low
+        secant = (low - low_slope * width / (high_slope - low_slope)).clamp(low + width / 8, high - width / 8)
+        fallback = torch.where(high_slope.isinf(), high, secant)
+        size = torch.where((newton >= low) & (newton <= high), newton, fallback)
+    return size
 
 
 def _preconditioned_cg(matvec, precondition, rhs: torch.Tensor, rtol: torch.Tensor,
@@ -265,7 +305,8 @@ def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, s
     n_train = int(tr.sum())
     yt = torch.from_numpy(y)
     l2 = torch.tensor([1.0 / (c * n_train) for c in c_grid]).expand(x.shape[0], -1)
-    weight, bias = fit_logistic(x[:, tr], yt[tr].expand(len(c_grid), -1), l2, classes)
+    kernel = Kernel.of(x[:, tr])  # shared by the task and control fits
+    weight, bias = fit_logistic(kernel, yt[tr].expand(len(c_grid), -1), l2, classes)
     dev_logits = logits_of(x[:, dv], weight, bias)
     dev_loss = torch.nn.functional.cross_entropy(dev_logits.permute(0, 3, 1, 2),
                                                  yt[dv].expand(x.shape[0], len(c_grid), -1), reduction="none")
@@ -280,7 +321,7 @@ def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, s
     control = {k: np.zeros((len(controls), x.shape[0])) for k in task}
     if len(controls):
         yc = torch.from_numpy(controls)
-        cw, cb = fit_logistic(x[:, tr], yc[:, tr], l2[layers, best][:, None].expand(-1, len(controls)).contiguous(),
+        cw, cb = fit_logistic(kernel, yc[:, tr], l2[layers, best][:, None].expand(-1, len(controls)).contiguous(),
                               classes)
         cpred = logits_of(x[:, te], cw, cb).argmax(-1)  # [L, S, n_test]
         control = {"macro_f1": macro_f1(cpred, yc[:, te], classes).T.numpy(),

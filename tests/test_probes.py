@@ -9,8 +9,10 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from scipy.stats import pearsonr
 from sklearn.metrics import f1_score
 
-from probing.probes import (Split, control_labels, fit_logistic, logits_of, online_codelength, probe_classification,
-                            probe_regression, standardise)
+from scipy.optimize import minimize_scalar
+
+from probing.probes import (Split, _line_search, control_labels, fit_logistic, logits_of, online_codelength,
+                            probe_classification, probe_regression, standardise)
 
 
 def planted(n=300, d=48, layers=3, seed=0):
@@ -70,7 +72,7 @@ def as_sklearn(weight: torch.Tensor, bias: torch.Tensor, classes: int) -> tuple[
     return (w[1:], b[1:]) if classes == 2 else (w, b)
 
 
-@pytest.mark.parametrize("classes", [2, 3, 4])
+@pytest.mark.parametrize("classes", [2, 3, 4, 7])
 def test_fit_reaches_sklearns_optimum_for_every_layer_and_c(classes):
     """d > n as on real features (rank-n kernel), and d < n (x spans fewer directions than there are items)."""
     rng = np.random.default_rng(classes)
@@ -142,6 +144,45 @@ def test_fit_stays_at_the_optimum_on_separable_data_with_weak_penalty():
         coef, intercept = as_sklearn(weight[0, 0], bias[0, 0], classes)
         assert sklearn_objective(x[0].double().numpy(), y, coef, intercept, 1e4) <= \
             sklearn_objective(x[0].double().numpy(), y, clf.coef_, clf.intercept_, 1e4) * (1 + 1e-6)
+
+
+def test_task_and_control_probes_equal_a_sklearn_loop_at_the_chosen_c():
+    """probe_classification shares one kernel between the task fit (every C) and the control fits (at each layer's
+    chosen C): both must predict as scikit-learn's fits at those C values do."""
+    x, y, split = planted(n=200, d=40)
+    xs = standardise(x, split.train)
+    keys = [f"item{i}" for i in range(len(y))]
+    controls = np.stack([control_labels(keys, y, seed) for seed in (0, 1)])
+    scores = probe_classification(xs, y, controls, split, 2)
+    for layer in range(3):
+        xl = xs[layer].double().numpy()
+        c = scores.chosen_c[layer]
+        clf = LogisticRegression(C=c, tol=1e-10, max_iter=100000).fit(xl[split.train], y[split.train])
+        np.testing.assert_array_equal(scores.test_pred[layer], clf.predict(xl[split.test]))
+        for s, labels in enumerate(controls):
+            ref = LogisticRegression(C=c, tol=1e-10, max_iter=100000).fit(xl[split.train], labels[split.train])
+            assert scores.control["macro_f1"][s, layer] == pytest.approx(
+                f1_score(labels[split.test], ref.predict(xl[split.test]), average="macro"))
+
+
+def test_line_search_finds_the_minimiser_along_the_step_also_beyond_one():
+    """The step size minimises Σ CE(logits + t d) + t cross + t²/2 square, scipy's bounded minimiser agreeing."""
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(size=(4, 30, 3)))
+    hot = torch.nn.functional.one_hot(torch.from_numpy(rng.integers(0, 3, size=(4, 30))), 3).double()
+    direction = (hot - torch.softmax(logits, -1)) * torch.tensor([0.3, 1.0, 3.0, 8.0])[:, None, None]
+    cross, square = torch.tensor([-0.5, 0.0, 0.2, -1.0], dtype=torch.float64), torch.tensor([1.0, 0.5, 2.0, 0.01],
+                                                                                           dtype=torch.float64)
+    sizes = _line_search(logits, direction, hot, cross, square)
+
+    def phi(t, b):
+        z = logits[b] + t * direction[b]
+        return float((torch.logsumexp(z, -1) - (z * hot[b]).sum(-1)).sum() + t * cross[b] + t * t / 2 * square[b])
+
+    for b in range(4):
+        best = minimize_scalar(lambda t: phi(t, b), bounds=(0, 16), method="bounded", options={"xatol": 1e-10})
+        assert sizes[b].item() == pytest.approx(best.x, rel=1e-4, abs=1e-6)
+    assert sizes.max() > 1  # the exact size also lengthens steps
 
 
 def test_regression_probe_matches_ridge_and_pearson():
