@@ -75,15 +75,18 @@ def e2e_rows(quick: bool = False, config_path: Path = ROOT / "configs" / "smollm
         config["probing"].update(tasks=["noun_number"], seeds=[0])
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        cold, _ = run(config, folder)
+        cold, cold_ledger = run(config, folder)
         warm, _ = run(config, folder)
         grown = yaml.safe_load(yaml.safe_dump(config))
         grown["merges"]["methods"].append(ADDED)
         incremental, ledger = run(grown, folder)
     breakdown = incremental_breakdown(incremental, ledger)
     workload = f"{config_path.name}{' (quick subset)' if quick else ''}: merge-eval run, own process"
+    cold_by_stage = {stage: [count, seconds] for stage, count, seconds in cold_ledger.group_by("stage").agg(
+        pl.len(), pl.col("seconds").sum()).iter_rows()}
     return [{"section": "e2e", "workload": workload, "ours": "warm run (all cached)", "ours_s": warm,
-             "baseline": "cold run", "baseline_s": cold, "ratio": cold / warm, "quality": "same tables"},
+             "baseline": "cold run", "baseline_s": cold, "ratio": cold / warm, "quality": "same tables",
+             "cold_by_stage": cold_by_stage},
             {"section": "e2e", "workload": workload, "ours": "incremental run (+1 method: one merge per parent group)",
              "ours_s": incremental, "baseline": "cold run", "baseline_s": cold, "ratio": cold / incremental,
              "quality": "same tables plus the new merges"},
