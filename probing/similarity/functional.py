@@ -73,23 +73,26 @@ def _tokens_first(top: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return top["logprobs"].flatten(0, -2), top["indices"].flatten(0, -2).long(), top["log_rest"].flatten()
 
 
-KL_CHUNK = 64  # tokens per dense [tokens, vocab] float64 lookup table: 25 MB at SmolLM2's 49,152 tokens
+KL_CHUNK = 256  # tokens per dense [tokens, vocab] float64 table: 100 MB at SmolLM2's 49,152 tokens
 
 
 class _LogQ:
-    """log q_b(token) for every vocabulary id of a chunk of b's tokens (module docstring): b's own log-prob where
-    the id is in b's top k, b's remaining mass spread evenly over the other ids elsewhere. A dense table filled
-    once per model and chunk, then read by a gather for every a compared with b (a binary search per pair
-    cost ~0.5 s per ordered pair on the similarity set, the table ~0.4 s per model)."""
+    """log q_b for every vocabulary id of b's tokens (module docstring): the spread of b's remaining mass
+    everywhere, plus at b's top ids their excess over it. The excess goes into a dense [tokens, vocab] table of
+    zeros, one chunk of tokens at a time, read by a gather for every a compared with b, then zeroed again at
+    the same ids; a binary search of b's ids per pair cost ~0.5 s per ordered pair on the similarity set."""
 
     def __init__(self, top: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vocab_size: int):
         self.logp, self.ids, rest = top
-        self.spread = rest.double() - np.log(max(vocab_size - self.ids.shape[-1], 1))
-        self.vocab_size = vocab_size
+        # floored as `_kl` floors log q: a rest of -inf (k covers the vocabulary) leaves the excess finite
+        self.spread = (rest.double() - np.log(max(vocab_size - self.ids.shape[-1], 1))).clamp(min=LOG_FLOOR)
 
-    def table(self, tokens: slice) -> torch.Tensor:
-        table = self.spread[tokens, None].expand(-1, self.vocab_size).clone()
-        return table.scatter_(-1, self.ids[tokens], self.logp[tokens].double())
+    def fill(self, table: torch.Tensor, tokens: slice) -> torch.Tensor:
+        excess = self.logp[tokens].double() - self.spread[tokens, None]
+        return table[:len(excess)].scatter_(-1, self.ids[tokens], excess)
+
+    def clear(self, table: torch.Tensor, tokens: slice) -> None:
+        table[:len(self.ids[tokens])].scatter_(-1, self.ids[tokens], 0.0)
 
 
 def _kl(logp_a: torch.Tensor, rest_a: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -102,17 +105,20 @@ def _kl(logp_a: torch.Tensor, rest_a: torch.Tensor, log_q: torch.Tensor) -> torc
 
 def _ordered_kl(top: dict[str, tuple], pairs: list[tuple[str, str]], vocab: dict[str, int]
                 ) -> dict[tuple[str, str], torch.Tensor]:
-    """Per-token KL(a ‖ b) of every ordered pair, each of b's lookup tables built once for all its a's."""
-    tables = {b: _LogQ(top[b], vocab[b]) for b in dict.fromkeys(b for _, b in pairs)}
+    """Per-token KL(a ‖ b) of every ordered pair, each chunk of b's table filled once for all its a's."""
+    sides = {b: _LogQ(top[b], vocab[b]) for b in dict.fromkeys(b for _, b in pairs)}
     n = len(next(iter(top.values()))[0])
+    table = torch.zeros(min(KL_CHUNK, n), max(vocab.values()), dtype=torch.float64)
     parts: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
     for begin in range(0, n, KL_CHUNK):
         tokens = slice(begin, begin + KL_CHUNK)
-        for b, lookup in tables.items():
-            table = lookup.table(tokens)
+        for b, side in sides.items():
+            excess = side.fill(table, tokens)
             for a in [a for a, b_ in pairs if b_ == b]:
                 logp_a, ids_a, rest_a = (t[tokens] for t in top[a])
-                parts[(a, b)].append(_kl(logp_a.double(), rest_a.double(), table.gather(-1, ids_a)))
+                log_q = side.spread[tokens, None] + excess.gather(-1, ids_a)
+                parts[(a, b)].append(_kl(logp_a.double(), rest_a.double(), log_q))
+            side.clear(table, tokens)
     return {pair: torch.cat(chunks) for pair, chunks in parts.items()}
 
 
