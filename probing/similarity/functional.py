@@ -12,7 +12,6 @@ outside b's top k. Exact when k covers the vocabulary; the error on SmolLM2 is m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 
@@ -151,63 +150,41 @@ def _cross_cka(states: list[torch.Tensor], hubs: dict[int, list[int]]) -> dict[t
     """Linear CKA of every hub with each of its partners: the models' centred float32 features side by side,
     then one product per hub, Xᵀ[Y₁ … Y_k] (the FLOPs of a product per pair, in a wider shape). float32
     products: the d×d cross products dominate the stage's time; CKA's relative error stays ~1e-6."""
-    sides = [cka_side(x, torch.float32) for x in states]
-    stacked = torch.stack([x for x, _ in sides], dim=1)  # [n, M, d]
+    stacked = torch.stack(states, dim=1)  # [n, M, d]
+    stacked -= stacked.mean(0)  # centred in place: the `cka_side` of every model, without a copy per model
+    norms = [torch.linalg.matrix_norm((x.T @ x).double()) for x in stacked.unbind(1)]
     out = {}
     for hub, others in hubs.items():
-        cross = sides[hub][0].T @ _members(stacked, others, 1).flatten(1)  # [d, k·d]
+        cross = stacked[:, hub].T @ _members(stacked, others, 1).flatten(1)  # [d, k·d]
         # summed in float64: a float32 norm over the strided [d, k, d] blocks lost 7e-4 of CKA on real captures
         squares = cross.unflatten(1, (len(others), -1)).double().square().sum((0, 2))
-        out.update({(hub, other): (squares[i] / (sides[hub][1] * sides[other][1])).item()
+        out.update({(hub, other): (squares[i] / (norms[hub] * norms[other])).item()
                     for i, other in enumerate(others)})
     return out
 
 
-CHUNK_ELEMENTS = 2**24  # float64 elements (128 MB) of all models' vectors held at once by the cosine products
-
-
-def _hub_dots(chunks: Iterator[torch.Tensor], hubs: dict[int, list[int]]) -> dict[tuple[int, int], torch.Tensor]:
-    """⟨v_hub, v_other⟩ summed over chunks [..., M, K] of the models' vectors: one product of all hubs' rows with
-    all models' rows per chunk (a matrix product instead of a pass over both vectors per pair)."""
-    hub_list = sorted(hubs)
-    gram = sum(chunk[..., hub_list, :] @ chunk.transpose(-1, -2) for chunk in chunks)  # [..., hubs, M]
-    return {(hub, other): gram[..., i, other] for i, hub in enumerate(hub_list) for other in hubs[hub]}
-
-
 def _cross_activation_cosine(states: list[torch.Tensor], hubs: dict[int, list[int]]
                              ) -> dict[tuple[int, int], float]:
-    """Mean token cosine of every hub with each partner: with every row normalised, the mean of cos(x_t, y_t) is
-    the dot product of the flattened states / n, summed over float64 slices of tokens."""
-    n, d = states[0].shape
-    step = max(1, CHUNK_ELEMENTS // (len(states) * d))
-
-    def chunks():
-        for begin in range(0, n, step):
-            rows = torch.stack([x[begin:begin + step] for x in states]).double()  # [M, t, d]
-            yield (rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-8)).flatten(1)
-
-    return {pair: dot.item() / n for pair, dot in _hub_dots(chunks(), hubs).items()}
+    """Mean token cosine of every hub with each partner: per pair one rowwise dot product in float32 (stored
+    bfloat16 values multiply exactly in float32; torch's sum, unlike a BLAS dot, keeps the error ~1e-9), over
+    each model's row norms taken once in float64; both sides in float64 per pair cost more than the rest of the
+    stage."""
+    norms = [x.double().norm(dim=-1) for x in states]
+    return {(hub, other): ((states[hub] * states[other]).sum(-1).double()
+                           / (norms[hub] * norms[other]).clamp(min=1e-8)).mean().item()
+            for hub, others in hubs.items() for other in others}
 
 
 def _cross_pattern_cosine(patterns: list[torch.Tensor], hubs: dict[int, list[int]]
                           ) -> dict[tuple[int, int], list[float]]:
-    """Per-head cosine of every hub's flattened attention patterns with each partner's, summed over float64
-    slices of windows ([windows, heads, packed] per model)."""
-    windows, heads, packed = patterns[0].shape
-    step = max(1, CHUNK_ELEMENTS // (len(patterns) * heads * packed))
-    squares = torch.zeros(heads, len(patterns), dtype=torch.float64)
-
-    def chunks():
-        for begin in range(0, windows, step):
-            rows = torch.stack([p[begin:begin + step] for p in patterns], dim=2).double()  # [w, H, M, packed]
-            rows = rows.transpose(0, 1).transpose(1, 2).flatten(2)  # [H, M, w·packed]
-            squares.add_(rows.square().sum(-1))
-            yield rows
-
-    dots = _hub_dots(chunks(), hubs)
-    norms = squares.sqrt()
-    return {(hub, other): (dot / (norms[:, hub] * norms[:, other]).clamp(min=1e-8)).tolist()
-            for (hub, other), dot in dots.items()}
+    """Per-head cosine of every hub's flattened attention patterns with each partner's ([windows, heads, packed]
+    per model): products of the bfloat16 probabilities are exact in float32, summed per window in float32 and
+    over windows in float64; each model's norms taken once."""
+    rows = [p.float() for p in patterns]
+    norms = [r.square().sum(-1).double().sum(0).sqrt() for r in rows]
+    return {(hub, other): ((rows[hub] * rows[other]).sum(-1).double().sum(0)
+                           / (norms[hub] * norms[other]).clamp(min=1e-8)).tolist()
+            for hub, others in hubs.items() for other in others}
 
 
 def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: ModelRef, precision: str):
