@@ -12,7 +12,7 @@
    for the ordered pairs (base‖instruct, instruct‖math, math‖base): per-token error and relative error of the
    mean KL, for several k.
 
-    python bench/bench_capture.py [--parts forward bf16 similarity kl] [--tasks noun_number] [--batch-tokens 2048] [--top-k 64 256]
+    python bench/bench_capture.py [--parts forward bf16 similarity kl] [--tasks noun_number] [--top-k 64 256]
 """
 
 from __future__ import annotations
