@@ -6,11 +6,13 @@
    throughput (a [batch_tokens, d] x [d, mlp] product). 1 torch thread for all (the machine is shared).
 2. similarity: the similarity capture (31 layers' token states in bf16, 30 blocks' attention patterns, top-k
    next-token log-probs) over the unlabeled windows vs a plain forward pass of them with logits (nothing kept).
-3. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax (torch.distributions)
+3. bf16: the probe capture with the model at bfloat16 (`precision: bfloat16`) vs float32 on the same batches, and
+   how far the pooled features move.
+4. KL approximation: KL(p_a ‖ p_b) from top-k captures vs the exact KL from full log-softmax (torch.distributions)
    for the ordered pairs (base‖instruct, instruct‖math, math‖base): per-token error and relative error of the
    mean KL, for several k.
 
-    python bench/bench_capture.py [--parts forward similarity kl] [--tasks noun_number] [--batch-tokens 2048] [--top-k 64 256]
+    python bench/bench_capture.py [--parts forward bf16 similarity kl] [--tasks noun_number] [--top-k 64 256]
 """
 
 from __future__ import annotations
@@ -141,6 +143,38 @@ def forward_rows(folder: Path, task_names: list[str], batch_tokens: int = DEFAUL
     return rows
 
 
+def bf16_row(folder: Path, task_names: list[str], batch_tokens: int = DEFAULT_BATCH_TOKENS, reps: int = 3,
+             log=print) -> dict:
+    """The probe capture with the model loaded at bfloat16 (config `precision: bfloat16`) vs float32, on the same
+    batches, interleaved; quality: the largest difference of a pooled feature relative to its vector's largest
+    float32 entry (the residual norm grows to ~1e4 over the layers), over every layer and request."""
+    runners = {p: HookRunner(*load_model(folder, LoadOptions(precision=p)), backend="torch-hooks")
+               for p in ("float32", "bfloat16")}
+    inputs = [probe_inputs(task, "mean", 128)[0] for task in load_tasks("bundled", task_names)]
+    requests = [HookRequest(hook, Pool()) for hook in layer_hooks(runners["float32"].n_blocks)]
+    best, pooled = dict.fromkeys(runners, float("inf")), {}
+    for rep in range(reps):
+        for precision, runner in (list(runners.items())[::-1] if rep % 2 else list(runners.items())):
+            started = time.perf_counter()
+            outs = [run_capture(runner, i, requests, batch_tokens) for i in inputs]
+            best[precision] = min(best[precision], time.perf_counter() - started)
+            pooled[precision] = torch.cat([torch.stack([out[r]["value"] for r in requests]) for out in outs], dim=1)
+    exact, rounded = pooled["float32"], pooled["bfloat16"]
+    relative = (rounded - exact).abs().amax(-1) / exact.abs().amax(-1)  # per layer and request
+    worst, typical = relative.max().item(), relative.median().item()
+    tokens = sum(int(b.attention_mask.sum()) for i in inputs for b in i.batches(runners["float32"].tokenizer,
+                                                                                batch_tokens))
+    workload = f"probe capture of {', '.join(task_names)}: {tokens} tokens, {batch_tokens}-token batches, 1 thread"
+    log(f"bf16: {workload}; bfloat16 {best['bfloat16']:.2f} s vs float32 {best['float32']:.2f} s; pooled features "
+        f"differ by up to {worst:.1e} (median {typical:.1e}) of their vector's largest entry")
+    return {"section": "capture", "workload": workload, "ours": "capture, model at bfloat16",
+            "ours_s": best["bfloat16"], "baseline": "capture, model at float32 (default)",
+            "baseline_s": best["float32"], "ratio": best["float32"] / best["bfloat16"],
+            "quality": f"pooled features differ from float32 by up to {worst:.1e} (median {typical:.1e}) of the "
+                       "vector's largest entry",
+            "tokens_per_s": tokens / best["bfloat16"]}
+
+
 def similarity_row(folder: Path, windows: TokenWindows, reps: int = 2) -> dict:
     from probing.similarity.functional import functional_jobs
 
@@ -179,8 +213,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["noun_number"])
     parser.add_argument("--models", nargs="+", default=["base", "instruct", "math"])
     parser.add_argument("--top-k", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--parts", nargs="+", choices=["forward", "similarity", "kl"],
-                        default=["forward", "similarity", "kl"])
+    parser.add_argument("--parts", nargs="+", choices=["forward", "bf16", "similarity", "kl"],
+                        default=["forward", "bf16", "similarity", "kl"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     family = build_family(tuple(dict.fromkeys(["base", *args.models])))
@@ -188,6 +222,8 @@ def main() -> None:
         for r in forward_rows(family["base"], args.tasks, args.batch_tokens):
             print(f"  {r['ours']:40} {r['ours_s']:7.2f} s ({r['tokens_per_s']:6.0f} tokens/s)  vs "
                   f"{r['baseline']:40} {r['baseline_s']:7.2f} s  speed-up {r['ratio']:.2f}x")
+    if "bf16" in args.parts:
+        bf16_row(family["base"], args.tasks, args.batch_tokens)
     if "similarity" in args.parts:
         r = similarity_row(family["base"], TokenWindows(args.tokens, args.window))
         print(f"  {r['ours']} {r['ours_s']:.2f} s vs {r['baseline']} {r['baseline_s']:.2f} s: {r['ratio']:.2f}x")

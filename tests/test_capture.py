@@ -108,3 +108,42 @@ def test_pair_items_concatenate(tmp_path, tiny_family):
     features = task_features(pooled, index)
     assert features.shape == (4, 2, 64)
     np.testing.assert_array_equal(features[:, 0, 32:], pooled[:, 1])
+
+
+def test_each_distinct_text_runs_once_with_every_request_pooled_from_it(tmp_path, tiny_family):
+    """Bundled tasks ask several spans of one text (antonym_pair: 400 requests over 200 texts): the capture runs
+    each distinct text through the model once, and every request pooled from that pass equals the request
+    captured alone."""
+    from probing.capture import run_capture
+    from probing.holmes import read_task
+    from probing.stage import probe_jobs
+
+    contexts = ["the cat sat on the mat", "a bird sings in a tree", "the dogs run in the park"]
+    items = [{"inputs": [(c.split()[i], 0, *span(c, i)), (c.split()[-1], 0, *span(c, -1))], "context": [c],
+              "label": i % 2, "split": "train"} for c in contexts for i in range(3)]
+    task = read_task(write_task(tmp_path / "t", "t", "semantics", "SENTENCE_PAIR_TOKENS_BI", ["a", "b"], items))
+    runner = HookRunner(*load_model(tiny_family["base"], LoadOptions()), backend="torch-hooks")
+    (job,) = probe_jobs([task], runner.n_blocks, batch_tokens=10_000)
+    inputs = job.inputs
+    assert inputs.n_rows == 12 and len({r.text for r in inputs.requests}) == 3  # 4 distinct spans per text
+    seen: list[tuple[int, ...]] = []
+
+    def count(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        seen.extend(tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask))
+
+    handle = runner.model.base_model.register_forward_pre_hook(count, with_kwargs=True)
+    out = run_capture(runner, job.inputs, job.requests, job.batch_tokens)
+    handle.remove()
+    expected = sorted(tuple(runner.tokenizer(c)["input_ids"]) for c in contexts)
+    assert sorted(seen) == expected  # every distinct text once, nothing else
+    pooled = torch.stack([out[r]["value"] for r in job.requests])
+    alone = torch.cat([capture(runner, [r], batch_tokens=1) for r in inputs.requests], dim=1)
+    torch.testing.assert_close(pooled, alone, atol=1e-5, rtol=1e-5)
+
+
+def span(text: str, word: int) -> tuple[int, int]:
+    """Character span of the word-th word of `text` (words split on single spaces)."""
+    words = text.split(" ")
+    start = sum(len(w) + 1 for w in words[:word % len(words)])
+    return start, start + len(words[word])

@@ -101,3 +101,41 @@ def test_topk_rest_mass_of_a_peaked_distribution_is_kept():
     expected_rest = torch.logsumexp(torch.log_softmax(logits, -1)[..., 5:], -1)  # the 35 tokens outside the top 5
     torch.testing.assert_close(peaked["log_rest"].reshape(()), expected_rest.reshape(()), atol=1e-4, rtol=1e-5)
     assert torch.isfinite(topk_kl(flat, peaked, 40)).all()
+
+
+def test_all_pairs_at_once_equal_the_per_pair_measures(tiny_family, tmp_path):
+    """`functional_features` computes each feature for all pairs of a layer in one product; every value equals the
+    per-pair float64 measure on the same stored captures, for all pairs and for a subset whose hubs are not
+    contiguous (the incremental case: one model added to a run)."""
+    windows = TokenWindows(tokens=96, window=24)
+    store = CaptureStore(tmp_path / "captures")
+    models = [model_ref(name, tiny_family[name]) for name in ("a", "b", "base")]
+    for model in models:
+        capture_model(HookRunner(*load_model(model.folder, LoadOptions())), model,
+                      functional_jobs(windows, model.n_blocks, top_k=64), store, "float32", log=lambda _: None)
+    job = functional_jobs(windows, models[0].n_blocks, top_k=64)[0]
+
+    def stored(model, request):
+        return store.load(job.key(request, model.digest, "float32"))
+
+    def expected(a, b) -> dict[tuple, float]:
+        out = {}
+        for layer, request in enumerate(job.requests[:4]):
+            x, y = (stored(m, request)["value"].double().flatten(0, 1) for m in (a, b))
+            out[("activation_cosine", layer, None)] = activation_cosine(x, y)
+            out[("cka", layer, None)] = linear_cka(x, y)
+        for block, request in enumerate(job.requests[4:7]):
+            for head, v in enumerate(pattern_cosine(stored(a, request)["value"], stored(b, request)["value"])):
+                out[("attention_cosine", block + 1, head)] = v.item()
+        kl = topk_kl(stored(a, job.requests[-1]), stored(b, job.requests[-1]), a.vocab_size)
+        out[("kl", None, "mean")] = kl.mean().item()
+        return out
+
+    for pairs in (None, [(models[0], models[1]), (models[2], models[1])]):
+        rows = functional_features(models, windows, store, "float32", top_k=64, pairs=pairs)
+        for a, b in pairs or [(models[0], models[1]), (models[0], models[2]), (models[1], models[2])]:
+            mine = rows.filter((pl.col("model_a") == a.name) & (pl.col("model_b") == b.name))
+            found = {(f, layer, head if f == "attention_cosine" else stat): v for f, layer, head, stat, v in
+                     mine.select("feature", "layer", "head", "stat", "value").iter_rows()}
+            for key, value in expected(a, b).items():
+                assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (a.name, b.name, key)

@@ -51,7 +51,7 @@ def cka_side(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch
     """One model's half of linear CKA: its column-centred features and ‖XᵀX‖_F (computed once per layer)."""
     x = x.to(dtype)
     x = x - x.mean(0)
-    return x, torch.linalg.matrix_norm(x.T @ x)
+    return x, torch.linalg.matrix_norm((x.T @ x).double())  # a float32 norm of d² terms is off by ~2e-5
 
 
 def linear_cka(x: torch.Tensor | tuple, y: torch.Tensor | tuple) -> float:
@@ -70,22 +70,122 @@ def pattern_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _tokens_first(top: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A TopK capture as ([n, k] log-probs, [n, k] ids, [n] log rest) over all n tokens."""
-    return top["logprobs"].flatten(0, -2).double(), top["indices"].flatten(0, -2), top["log_rest"].flatten().double()
+    return top["logprobs"].flatten(0, -2), top["indices"].flatten(0, -2).long(), top["log_rest"].flatten()
 
 
-def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Per-token KL(p_a ‖ p_b) in nats from two TopK captures; see the module docstring. b's log-prob of each of
-    a's top tokens is looked up by binary search in b's sorted token ids: O(n·k log k) time, O(n·k) memory."""
-    (logp_a, idx_a, rest_a), (logp_b, idx_b, rest_b) = _tokens_first(a), _tokens_first(b)
-    sorted_b, order = idx_b.sort(dim=-1)
-    position = torch.searchsorted(sorted_b, idx_a).clamp(max=sorted_b.shape[-1] - 1)
-    found = sorted_b.gather(-1, position) == idx_a
-    outside = max(vocab_size - idx_b.shape[-1], 1)
-    log_q = torch.where(found, logp_b.gather(-1, order.gather(-1, position)),
-                        (rest_b - np.log(outside))[:, None]).clamp(min=LOG_FLOOR)
+KL_CHUNK = 256  # tokens per dense [tokens, vocab] float64 table: 100 MB at SmolLM2's 49,152 tokens
+
+
+class _LogQ:
+    """log q_b for every vocabulary id of b's tokens (module docstring): the spread of b's remaining mass
+    everywhere, plus at b's top ids their excess over it. The excess goes into a dense [tokens, vocab] table of
+    zeros, one chunk of tokens at a time, read by a gather for every a compared with b, then zeroed again at
+    the same ids; a binary search of b's ids per pair cost ~0.5 s per ordered pair on the similarity set."""
+
+    def __init__(self, top: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vocab_size: int):
+        self.logp, self.ids, rest = top
+        # floored as `_kl` floors log q: a rest of -inf (k covers the vocabulary) leaves the excess finite
+        self.spread = (rest.double() - np.log(max(vocab_size - self.ids.shape[-1], 1))).clamp(min=LOG_FLOOR)
+
+    def fill(self, table: torch.Tensor, tokens: slice) -> torch.Tensor:
+        excess = self.logp[tokens].double() - self.spread[tokens, None]
+        return table[:len(excess)].scatter_(-1, self.ids[tokens], excess)
+
+    def clear(self, table: torch.Tensor, tokens: slice) -> None:
+        table[:len(self.ids[tokens])].scatter_(-1, self.ids[tokens], 0.0)
+
+
+def _kl(logp_a: torch.Tensor, rest_a: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-token KL over a's top k + a's rest bucket, from log q_b at a's top ids ([n, k] float64)."""
+    log_q = log_q.clamp(min=LOG_FLOOR)
     q_rest = (1.0 - log_q.exp().sum(-1)).clamp(min=1e-30)
     r_a = rest_a.exp()
     return (logp_a.exp() * (logp_a - log_q)).sum(-1) + torch.xlogy(r_a, r_a) - torch.xlogy(r_a, q_rest)
+
+
+def _ordered_kl(top: dict[str, tuple], pairs: list[tuple[str, str]], vocab: dict[str, int]
+                ) -> dict[tuple[str, str], torch.Tensor]:
+    """Per-token KL(a ‖ b) of every ordered pair, each chunk of b's table filled once for all its a's."""
+    sides = {b: _LogQ(top[b], vocab[b]) for b in dict.fromkeys(b for _, b in pairs)}
+    n = len(next(iter(top.values()))[0])
+    table = torch.zeros(min(KL_CHUNK, n), max(vocab.values()), dtype=torch.float64)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
+    for begin in range(0, n, KL_CHUNK):
+        tokens = slice(begin, begin + KL_CHUNK)
+        for b, side in sides.items():
+            excess = side.fill(table, tokens)
+            for a in [a for a, b_ in pairs if b_ == b]:
+                logp_a, ids_a, rest_a = (t[tokens] for t in top[a])
+                log_q = side.spread[tokens, None] + excess.gather(-1, ids_a)
+                parts[(a, b)].append(_kl(logp_a.double(), rest_a.double(), log_q))
+            side.clear(table, tokens)
+    return {pair: torch.cat(chunks) for pair, chunks in parts.items()}
+
+
+def topk_kl(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """Per-token KL(p_a ‖ p_b) in nats from two TopK captures; see the module docstring."""
+    return _ordered_kl({"a": _tokens_first(a), "b": _tokens_first(b)}, [("a", "b")],
+                       {"b": vocab_size})[("a", "b")]
+
+
+def _hubs(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Each unordered pair filed under one of its two models, the one in more pairs (ties: the lower index), so
+    that one product per hub covers all its pairs: every pair of M models gives hubs 0..M-2, each with all
+    later models (a contiguous block of columns); one model added to a finished run gives one hub."""
+    degree = np.bincount(np.array(pairs).reshape(-1))
+    hubs: dict[int, list[int]] = {}
+    for a, b in pairs:
+        hub, other = (a, b) if (degree[a], -a) >= (degree[b], -b) else (b, a)
+        hubs.setdefault(hub, []).append(other)
+    return {hub: sorted(others) for hub, others in hubs.items()}
+
+
+def _members(stacked: torch.Tensor, models: list[int], dim: int) -> torch.Tensor:
+    """The entries of `models` along `dim` of a stack of models: a view where they are contiguous."""
+    if models == list(range(models[0], models[-1] + 1)):
+        return stacked.narrow(dim, models[0], len(models))
+    return stacked.index_select(dim, torch.tensor(models))
+
+
+def _cross_cka(states: list[torch.Tensor], hubs: dict[int, list[int]]) -> dict[tuple[int, int], float]:
+    """Linear CKA of every hub with each of its partners: the models' centred float32 features side by side,
+    then one product per hub, Xᵀ[Y₁ … Y_k] (the FLOPs of a product per pair, in a wider shape). float32
+    products: the d×d cross products dominate the stage's time; CKA's relative error stays ~1e-6."""
+    stacked = torch.stack(states, dim=1)  # [n, M, d]
+    stacked -= stacked.mean(0)  # centred in place: the `cka_side` of every model, without a copy per model
+    norms = [torch.linalg.matrix_norm((x.T @ x).double()) for x in stacked.unbind(1)]
+    out = {}
+    for hub, others in hubs.items():
+        cross = stacked[:, hub].T @ _members(stacked, others, 1).flatten(1)  # [d, k·d]
+        # summed in float64: a float32 norm over the strided [d, k, d] blocks lost 7e-4 of CKA on real captures
+        squares = cross.unflatten(1, (len(others), -1)).double().square().sum((0, 2))
+        out.update({(hub, other): (squares[i] / (norms[hub] * norms[other])).item()
+                    for i, other in enumerate(others)})
+    return out
+
+
+def _cross_activation_cosine(states: list[torch.Tensor], hubs: dict[int, list[int]]
+                             ) -> dict[tuple[int, int], float]:
+    """Mean token cosine of every hub with each partner: per pair one rowwise dot product in float32 (stored
+    bfloat16 values multiply exactly in float32; torch's sum, unlike a BLAS dot, keeps the error ~1e-9), over
+    each model's row norms taken once in float64; both sides in float64 per pair cost more than the rest of the
+    stage."""
+    norms = [x.double().norm(dim=-1) for x in states]
+    return {(hub, other): ((states[hub] * states[other]).sum(-1).double()
+                           / (norms[hub] * norms[other]).clamp(min=1e-8)).mean().item()
+            for hub, others in hubs.items() for other in others}
+
+
+def _cross_pattern_cosine(patterns: list[torch.Tensor], hubs: dict[int, list[int]]
+                          ) -> dict[tuple[int, int], list[float]]:
+    """Per-head cosine of every hub's flattened attention patterns with each partner's ([windows, heads, packed]
+    per model): products of the bfloat16 probabilities are exact in float32, summed per window in float32 and
+    over windows in float64; each model's norms taken once."""
+    rows = [p.float() for p in patterns]
+    norms = [r.square().sum(-1).double().sum(0).sqrt() for r in rows]
+    return {(hub, other): ((rows[hub] * rows[other]).sum(-1).double().sum(0)
+                           / (norms[hub] * norms[other]).clamp(min=1e-8)).tolist()
+            for hub, others in hubs.items() for other in others}
 
 
 def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: ModelRef, precision: str):
@@ -95,7 +195,8 @@ def _layer(store: CaptureStore, job: CaptureJob, request: HookRequest, model: Mo
 def functional_features(models: list[ModelRef], windows: TokenWindows, store: CaptureStore, precision: str,
                         top_k: int = TOP_K, pairs: list[tuple[ModelRef, ModelRef]] | None = None) -> pl.DataFrame:
     """similarity.parquet rows (source functional) for every pair of `models` (KL: both orders of each pair), or
-    for `pairs` of them only (each model's captures are still read once per layer).
+    for `pairs` of them only (each model's captures are still read once per layer). Each feature is computed for
+    all pairs of a layer at once (`_hubs`); values equal the per-pair functions above.
 
     Layer numbering as in probing: `activation_cosine`/`cka` layer 0 = embeddings, i = after block i-1;
     `attention_cosine` rows of block i carry layer i + 1 (the residual layer that block writes) and `head`.
@@ -105,6 +206,13 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
     jobs = {m.name: functional_jobs(windows, m.n_blocks, top_k)[0] for m in models}
     if len({m.n_blocks for m in models}) > 1:
         raise ValueError(f"functional similarity needs models of one depth; got {[m.n_blocks for m in models]}")
+    position = {m.name: i for i, m in enumerate(models)}
+    hubs = _hubs([(position[a.name], position[b.name]) for a, b in pairs])
+
+    def value(per_pair: dict[tuple[int, int], object], a: ModelRef, b: ModelRef):
+        i, j = position[a.name], position[b.name]
+        return per_pair[(i, j)] if (i, j) in per_pair else per_pair[(j, i)]
+
     rows: list[dict] = []
     per_pair: dict[tuple[str, str, str], list[float]] = {}
     n_tokens = windows.n_rows * windows.window
@@ -113,27 +221,27 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
         return [r for r in jobs[models[0].name].requests if isinstance(r.reducer, kind)]
 
     for layer, request in enumerate(requests(Tokens)):
-        states = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"].float().flatten(0, 1)
-                  for m in models}
-        # float32 products: the d×d cross products dominate the stage's time; CKA's relative error stays ~1e-6
-        sides = {name: cka_side(x, torch.float32) for name, x in states.items()}
+        states = [_layer(store, jobs[m.name], request, m, precision)["value"].float().flatten(0, 1) for m in models]
+        features = {"activation_cosine": _cross_activation_cosine(states, hubs), "cka": _cross_cka(states, hubs)}
         for a, b in pairs:
-            for feature, value in (("activation_cosine", activation_cosine(states[a.name], states[b.name])),
-                                   ("cka", linear_cka(sides[a.name], sides[b.name]))):
-                per_pair.setdefault((a.name, b.name, feature), []).append(value)
+            for feature, values in features.items():
+                per_pair.setdefault((a.name, b.name, feature), []).append(value(values, a, b))
                 rows.append({"model_a": a.name, "model_b": b.name, "feature": feature, "scope": "layer",
-                             "layer": layer, "value": value, "n": n_tokens})
+                             "layer": layer, "value": value(values, a, b), "n": n_tokens})
     for block, request in enumerate(requests(PackedPattern)):
-        patterns = {m.name: _layer(store, jobs[m.name], request, m, precision)["value"] for m in models}
+        cosines = _cross_pattern_cosine([_layer(store, jobs[m.name], request, m, precision)["value"]
+                                         for m in models], hubs)
         for a, b in pairs:
-            values = pattern_cosine(patterns[a.name], patterns[b.name]).tolist()
+            values = value(cosines, a, b)
             per_pair.setdefault((a.name, b.name, "attention_cosine"), []).extend(values)
             rows += [{"model_a": a.name, "model_b": b.name, "feature": "attention_cosine", "scope": "head",
                       "layer": block + 1, "head": head, "value": v, "n": n_tokens} for head, v in enumerate(values)]
     (logits,) = requests(TopK)
-    top = {m.name: _layer(store, jobs[m.name], logits, m, precision) for m in models}
-    for a, b in [ordered for pair in pairs for ordered in (pair, pair[::-1])]:
-        per_pair[(a.name, b.name, "kl")] = topk_kl(top[a.name], top[b.name], b.vocab_size).tolist()
+    top = {m.name: _tokens_first(_layer(store, jobs[m.name], logits, m, precision)) for m in models}
+    ordered = [(a.name, b.name) for pair in pairs for a, b in (pair, pair[::-1])]
+    kl = _ordered_kl(top, ordered, {m.name: m.vocab_size for m in models})
+    for a, b in ordered:
+        per_pair[(a, b, "kl")] = kl[(a, b)].tolist()
     for (a, b, feature), values in per_pair.items():
         rows += summary_rows(values, model_a=a, model_b=b, feature=feature)
     return conform(pl.DataFrame(rows, infer_schema_length=None).with_columns(source=pl.lit("functional")))
