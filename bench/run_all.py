@@ -34,7 +34,7 @@ from reports.tables import atomic_path  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
-SECTIONS = ("probes", "capture", "weights", "merges", "behaviour", "e2e")
+SECTIONS = ("probes", "capture", "similarity", "weights", "merges", "behaviour", "e2e")
 
 
 def machine() -> dict:
@@ -68,13 +68,22 @@ def probes(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
 
 def capture(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
-    from bench_capture import forward_rows, similarity_row
+    from bench_capture import bf16_row, forward_rows, similarity_row
     from probing.similarity.unlabeled import TokenWindows
 
     rows = forward_rows(family["base"], ["noun_number"], reps=1 if quick else 4,
                         budgets=(256,) if quick else (256, 512, 1024))
-    return rows + [similarity_row(family["base"], TokenWindows(128 if quick else 1024, 64 if quick else 128),
-                                  reps=1)]
+    return rows + [bf16_row(family["base"], ["noun_number"], reps=1 if quick else 3),
+                   similarity_row(family["base"], TokenWindows(128 if quick else 1024, 64 if quick else 128), reps=1)]
+
+
+def similarity(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
+    from bench_functional import functional_row
+    from probing.similarity.unlabeled import TokenWindows
+    from probing.store import CaptureStore
+
+    return [functional_row(family, TokenWindows(128 if quick else 2048, 64 if quick else 128),
+                           CaptureStore(cache / "functional"), reps=1 if quick else 2)]
 
 
 def weights(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:

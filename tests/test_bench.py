@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"probes", "capture", "weights", "merges", "behaviour"}
+SECTIONS = {"probes", "capture", "similarity", "weights", "merges", "behaviour"}
 
 
 def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
@@ -25,6 +25,7 @@ def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
     baselines = {(r["section"], r["baseline"].split(" (")[0]) for r in rows}
     for needed in [("probes", "scikit-learn loop"), ("probes", "Holmes-style probe"),
                    ("capture", "plain forward"), ("capture", "output_hidden_states=True"),
+                   ("capture", "capture, model at float32"), ("similarity", "per-pair loop"),
                    ("weights", "whole state dicts"), ("merges", "mergekit-yaml subprocess"),
                    ("behaviour", "lm-eval, batch 1")]:
         assert needed in baselines, needed
