@@ -38,9 +38,10 @@ def standardise(features: torch.Tensor, train: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Kernel:
-    """What every logistic fit on the same training rows shares, computed once per task: the rows' mean, the
-    centred rows x_c (float64), and the eigendecomposition of the kernel K = x_c x_cᵀ per layer. In that basis the
-    penalty Ω and K⁺ are diagonal (_newton works there)."""
+    """What every fit on the same training rows shares, computed once per task: the rows' mean, the centred rows
+    x_c (float32 like the features: the gram from them is exact to ~1e-7 of its scale and 2x faster than in
+    float64; every bundled task's test metrics stay scikit-learn's), and the eigendecomposition of the kernel
+    K = x_c x_cᵀ per layer. In that basis the penalty Ω, K⁺ and ridge's (K + alpha I)⁻¹ are diagonal."""
 
     mean: torch.Tensor  # [L, 1, d]
     centred: torch.Tensor  # [L, n, d]
@@ -54,10 +55,10 @@ class Kernel:
         """Adding t·J (J = 11ᵀ/n, t above K's spectrum) makes the constant K's top eigenvector, apart from the
         others. Where x spans fewer than n - 1 directions, logits outside span(K) + constant are impossible: a
         stiff penalty (1e10 / K's mean eigenvalue) there instead of an infinite one."""
-        x64 = x.double()
-        mean = x64.mean(1, keepdim=True)
-        centred = x64 - mean
-        gram = centred @ centred.transpose(1, 2)
+        x = x.float()
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        gram = (centred @ centred.transpose(1, 2)).double()
         n = gram.shape[-1]
         trace = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None]  # >= K's top eigenvalue
         eig, basis = torch.linalg.eigh(gram + ((2 * trace + 1) / n)[..., None] * torch.ones(n, n, dtype=gram.dtype))
@@ -72,7 +73,7 @@ class Kernel:
     def cross(self, x: torch.Tensor) -> torch.Tensor:
         """[L, m, n]: other rows x [L, m, d] times the centred training rows, so a dual fit's outputs on x are
         cross @ α (+ intercept) without forming the weights."""
-        return (x.double() - self.mean) @ self.centred.transpose(1, 2)
+        return ((x.float() - self.mean) @ self.centred.transpose(1, 2)).double()
 
 
 def fit_logistic(x: torch.Tensor | Kernel, y: torch.Tensor, l2: torch.Tensor, classes: int,
@@ -100,9 +101,9 @@ def fit_logistic(x: torch.Tensor | Kernel, y: torch.Tensor, l2: torch.Tensor, cl
     f = _newton(kernel, y, (l2 * kernel.centred.shape[1]).double(), q, max_iter, tol)  # [L, G, n, C-1]
     basis = kernel.basis[:, None]
     alpha = basis @ (kernel.inverse[:, None, :, None] * (basis.transpose(2, 3) @ f))  # α = K⁺ f
-    weight = torch.einsum("lnd,lgnk,kc->lgdc", kernel.centred, alpha, q)  # W = x_cᵀ α
+    weight = torch.einsum("lnd,lgnc->lgdc", kernel.centred, (alpha @ q).float())  # W = x_cᵀ α
     bias = f.mean(2) @ q - torch.einsum("ld,lgdc->lgc", kernel.mean[:, 0], weight)
-    return weight.float(), bias.float()
+    return weight, bias.float()
 
 
 def _logit_basis(classes: int) -> torch.Tensor:
