@@ -13,8 +13,8 @@ from sklearn.metrics.pairwise import cosine_similarity
 from merging.checkpoints import LoadOptions, load_model
 from probing.capture import Batch, TopK
 from probing.hooks import HookRunner
-from probing.similarity.functional import (activation_cosine, functional_features, functional_jobs, linear_cka,
-                                           pattern_cosine, topk_kl)
+from probing.similarity.functional import (activation_cosine, cached_functional_features, functional_features,
+                                           functional_jobs, linear_cka, pattern_cosine, topk_kl)
 from probing.similarity.registry import FEATURES
 from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureStore, capture_model, model_ref
@@ -139,3 +139,24 @@ def test_all_pairs_at_once_equal_the_per_pair_measures(tiny_family, tmp_path):
                      mine.select("feature", "layer", "head", "stat", "value").iter_rows()}
             for key, value in expected(a, b).items():
                 assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (a.name, b.name, key)
+
+
+def test_models_of_identical_content_get_their_own_names_from_the_pair_cache(tiny_family, tmp_path):
+    """Pair entries are keyed by content: a second model with the same weights (a slerp that reduces to linear)
+    hits the first one's entries, and its rows must still carry its own name, on every call."""
+    windows = TokenWindows(tokens=96, window=24)
+    store = CaptureStore(tmp_path / "captures")
+    models = [model_ref(name, tiny_family[name]) for name in ("a", "b")] + [model_ref("twin", tiny_family["b"])]
+    for model in models[:2]:
+        capture_model(HookRunner(*load_model(model.folder, LoadOptions())), model,
+                      functional_jobs(windows, model.n_blocks, top_k=64), store, "float32", log=lambda _: None)
+    fresh = cached_functional_features(models, windows, store, "float32", top_k=64)
+    again = cached_functional_features(models, windows, store, "float32", top_k=64)
+    for rows in (fresh, again):
+        pairs = set(rows.select("model_a", "model_b").unique().iter_rows())
+        assert {("a", "b"), ("a", "twin"), ("b", "twin")} <= pairs and pairs <= {
+            ("a", "b"), ("b", "a"), ("a", "twin"), ("twin", "a"), ("b", "twin"), ("twin", "b")}
+    assert fresh.equals(again)
+    twin_kl = again.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "twin") & (pl.col("feature") == "kl"))
+    b_kl = again.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "b") & (pl.col("feature") == "kl"))
+    assert len(twin_kl) > 0 and twin_kl["value"].to_list() == b_kl["value"].to_list()

@@ -247,6 +247,18 @@ def functional_features(models: list[ModelRef], windows: TokenWindows, store: Ca
     return conform(pl.DataFrame(rows, infer_schema_length=None).with_columns(source=pl.lit("functional")))
 
 
+_ROLES = ("\x00a", "\x00b")  # a cached pair's model columns: its key is content, so names are the caller's
+
+
+def _named(frame: pl.DataFrame | None, a: str, b: str, to_roles: bool = False) -> pl.DataFrame | None:
+    """A pair's rows with its models' names swapped for roles (to cache) or back (from the cache): models of
+    identical content (a slerp that degenerates to linear, a copied folder) share entries under other names."""
+    if frame is None:
+        return None
+    mapping = dict(zip((a, b), _ROLES)) if to_roles else dict(zip(_ROLES, (a, b)))
+    return frame.with_columns(pl.col(c).replace(mapping) for c in ("model_a", "model_b"))
+
+
 def cached_functional_features(models: list[ModelRef], windows: TokenWindows, store: CaptureStore, precision: str,
                                top_k: int = TOP_K) -> pl.DataFrame:
     """`functional_features` for every pair, each pair's rows cached beside the capture store by the capture keys
@@ -262,7 +274,8 @@ def cached_functional_features(models: list[ModelRef], windows: TokenWindows, st
     pairs = list(combinations(models, 2))
     paths = {(a.name, b.name): cache_dir / "functional_similarity" /
              f"{cache_key('functional_similarity', code, captures(a), captures(b), top_k)}.parquet" for a, b in pairs}
-    frames = {pair: read_cached(path, pl.read_parquet) for pair, path in paths.items()}
+    frames = {(a.name, b.name): _named(read_cached(paths[(a.name, b.name)], pl.read_parquet), a.name, b.name)
+              for a, b in pairs}
     missing = [(a, b) for a, b in pairs if frames[(a.name, b.name)] is None]
     started = time.perf_counter()
     if missing:
@@ -270,7 +283,7 @@ def cached_functional_features(models: list[ModelRef], windows: TokenWindows, st
         for a, b in missing:
             names = [a.name, b.name]
             frame = rows.filter(pl.col("model_a").is_in(names) & pl.col("model_b").is_in(names))
-            write_parquet(frame, paths[(a.name, b.name)])
+            write_parquet(_named(frame, *names, to_roles=True), paths[(a.name, b.name)])
             frames[(a.name, b.name)] = frame
     share = (time.perf_counter() - started) / max(1, len(missing))  # the missing pairs' seconds, split evenly
     for a, b in pairs:
