@@ -112,7 +112,8 @@ def e2e(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    command = f"`python bench/run_all.py{' --quick' if results['quick'] else ''}` on {results['date']}"
+    flags = (" --quick" if results["quick"] else "") + (" --e2e" if "e2e" in results["sections"] else "")
+    command = f"`python bench/run_all.py{flags}` on {results['date']}"
     if "runs" in results:
         command = " and ".join(f"`--only {' '.join(r['sections'])}` ({r['date']}, load {r['machine']['load_average_at_start']})"
                                for r in results["runs"]) + " run side by side, joined by `--combine`"
