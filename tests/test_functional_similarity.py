@@ -141,9 +141,21 @@ def test_all_pairs_at_once_equal_the_per_pair_measures(tiny_family, tmp_path):
                 assert found[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (a.name, b.name, key)
 
 
-def test_models_of_identical_content_get_their_own_names_from_the_pair_cache(tiny_family, tmp_path):
+def test_models_of_identical_content_get_their_own_names_from_the_pair_cache(tiny_family, tmp_path, monkeypatch):
     """Pair entries are keyed by content: a second model with the same weights (a slerp that reduces to linear)
-    hits the first one's entries, and its rows must still carry its own name, on every call."""
+    hits the first one's entries, and its rows must still carry its own name, on every call; the first call's rows
+    equal every later call's to the bit, although a pair's rounding depends on its place in the batched products
+    (the twin's computed rows are nudged by that much here)."""
+    import probing.similarity.functional as functional
+
+    compute = functional.functional_features
+
+    def position_dependent(*args, **kwargs):
+        rows = compute(*args, **kwargs)
+        twin = (pl.col("model_a") == "twin") | (pl.col("model_b") == "twin")
+        return rows.with_columns(pl.when(twin).then(pl.col("value") * (1 + 1e-13)).otherwise(pl.col("value")))
+
+    monkeypatch.setattr(functional, "functional_features", position_dependent)
     windows = TokenWindows(tokens=96, window=24)
     store = CaptureStore(tmp_path / "captures")
     models = [model_ref(name, tiny_family[name]) for name in ("a", "b")] + [model_ref("twin", tiny_family["b"])]

@@ -229,3 +229,29 @@ def test_real_family_features(real_family):
         assert untouched["tv_zero_frac"] == pytest.approx(1.0)
     _, attention = derive(totals[("module", None, "attention")], 0)
     assert (attention["tv_zero_frac"][1:] < 0.5).all()
+
+
+def test_twin_models_give_the_same_table_fresh_and_cached(tiny_family, tmp_path, monkeypatch):
+    """Entries are keyed by content: a model with another's weights (a slerp that reduces to linear) shares its
+    entries. The first run's table must equal every later run's to the bit, or the tables downstream (correlations,
+    the report) are recomputed on a warm run. A Gram row's rounding depends on its position in the product (on the
+    real family the twins' entries differed by ~1e-13), so the twin's computed entries are nudged by that much."""
+    import probing.similarity.weights as weights
+
+    compute = weights._compute_entries
+    names = [*tiny_family, "twin"]
+
+    def position_dependent(models, base, missing, zero_rtol):
+        entries = compute(models, base, missing, zero_rtol)
+        twin = names.index("twin")
+        return {pair: frame.with_columns(pl.col("gram") * (1 + 1e-13)) if twin in pair else frame
+                for pair, frame in entries.items()}
+
+    monkeypatch.setattr(weights, "_compute_entries", position_dependent)
+    models = {**tiny_family, "twin": tiny_family["b"]}
+    first, _ = cached_weight_features(models, "base", tmp_path)
+    again, cached = cached_weight_features(models, "base", tmp_path)
+    assert cached and again.equals(first)
+    twin = first.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "twin"))
+    b = first.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "b"))
+    assert len(twin) > 0 and twin["value"].to_list() == b["value"].to_list()

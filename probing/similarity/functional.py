@@ -280,11 +280,15 @@ def cached_functional_features(models: list[ModelRef], windows: TokenWindows, st
     started = time.perf_counter()
     if missing:
         rows = functional_features(models, windows, store, precision, top_k, pairs=missing)
+        stored: dict[Path, pl.DataFrame] = {}  # pairs of identical content share one entry: the first one computed
         for a, b in missing:
             names = [a.name, b.name]
             frame = rows.filter(pl.col("model_a").is_in(names) & pl.col("model_b").is_in(names))
-            write_parquet(_named(frame, *names, to_roles=True), paths[(a.name, b.name)])
-            frames[(a.name, b.name)] = frame
+            path = paths[(a.name, b.name)]
+            if path not in stored:
+                stored[path] = _named(frame, *names, to_roles=True)
+                write_parquet(stored[path], path)
+            frames[(a.name, b.name)] = _named(stored[path], *names)
     share = (time.perf_counter() - started) / max(1, len(missing))  # the missing pairs' seconds, split evenly
     for a, b in pairs:
         hit = (a, b) not in missing

@@ -301,11 +301,11 @@ def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path |
     missing = [pair for pair in pairs if entries[pair] is None]
     started = time.perf_counter()
     if missing:
-        computed = _compute_entries(models, base, missing, zero_rtol)
-        for pair, frame in computed.items():
-            if paths:
-                write_parquet(frame, paths[pair])
-            entries[pair] = frame
+        stored: dict[Path, pl.DataFrame] = {}  # pairs of identical content share one entry: the first one computed
+        for pair, frame in _compute_entries(models, base, missing, zero_rtol).items():
+            entries[pair] = stored.setdefault(paths[pair], frame) if paths else frame
+        for path, frame in stored.items():
+            write_parquet(frame, path)
     share = (time.perf_counter() - started) / max(1, len(missing))
     for i, j in pairs:
         hit = (i, j) not in missing
