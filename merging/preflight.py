@@ -11,7 +11,6 @@ with (mixed dtypes, padded embedding rows) comes back as warnings.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -21,9 +20,9 @@ import merging.streaming
 from merging.checkpoints import CheckpointError, checkpoint_problems, content_digest
 from merging.family import TOKENIZER_PROBE
 from merging.streaming import FLOAT_DTYPES, StreamedCheckpoint, row_chunks
-from reports.cache import ALL_MODELS, cache_key, code_version, record
+from reports.cache import ALL_MODELS, cache_key, cached_value, code_version
 from reports.errors import UserError
-from reports.tables import atomic_write_text, read_cached
+from reports.tables import atomic_write_text
 
 TIED_HEAD = "lm_head.weight"  # absent from a checkpoint whose output head is its input embedding
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "embed_in")
@@ -201,12 +200,6 @@ def cached_preflight(models: dict[str, Path], base: str | None, merge_dtype: str
     key = cache_key("preflight", code_version(__file__, merging.streaming.__file__, merging.checkpoints.__file__),
                     [[name, content_digest(folder)] for name, folder in models.items()], base, merge_dtype)
     entry = Path(cache_dir) / "preflight" / f"{key}.json"
-    warnings = read_cached(entry, lambda path: json.loads(path.read_text()))
-    if warnings is not None:
-        record(cache_dir, "preflight", ALL_MODELS, True)
-        return warnings
-    started = time.perf_counter()
-    warnings = preflight(models, base, merge_dtype)
-    atomic_write_text(entry, json.dumps(warnings))
-    record(cache_dir, "preflight", ALL_MODELS, False, time.perf_counter() - started)
-    return warnings
+    return cached_value(entry, "preflight", ALL_MODELS, lambda: preflight(models, base, merge_dtype),
+                        lambda path: json.loads(path.read_text()),
+                        lambda warnings, path: atomic_write_text(path, json.dumps(warnings)))[0]

@@ -113,22 +113,30 @@ def read_ledger(cache_dir: Path) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+def cached_value(path: Path, stage: str, model: str, compute: Callable[[], object], read: Callable[[Path], object],
+                 write: Callable[[object, Path], object]) -> tuple[object, bool]:
+    """(`compute()`'s result, whether it came from the cache entry at `path`), read and written by the given
+    functions and reported to the ledger of `path`'s cache directory (`path` = cache_dir/<stage>/<name>)."""
+    cache_dir = Path(path).parent.parent
+    hit = read_cached(path, read)
+    if hit is not None:
+        record(cache_dir, stage, model, True)
+        return hit, True
+    started = time.perf_counter()
+    value = compute()
+    write(value, path)
+    record(cache_dir, stage, model, False, time.perf_counter() - started)
+    return value, False
+
+
 def cached_frame(cache_dir: Path | None, stage: str, model: str, key: str,
                  compute: Callable[[], pl.DataFrame]) -> tuple[pl.DataFrame, bool]:
     """(`compute()`'s rows, whether they came from the cache): kept as `cache_dir/<stage>/<key>.parquet` and
     reported to the ledger; computed every time without a cache directory."""
     if cache_dir is None:
         return compute(), False
-    path = Path(cache_dir) / stage / f"{key}.parquet"
-    hit = read_cached(path, pl.read_parquet)
-    if hit is not None:
-        record(cache_dir, stage, model, True)
-        return hit, True
-    started = time.perf_counter()
-    frame = compute()
-    write_parquet(frame, path)
-    record(cache_dir, stage, model, False, time.perf_counter() - started)
-    return frame, False
+    return cached_value(Path(cache_dir) / stage / f"{key}.parquet", stage, model, compute, pl.read_parquet,
+                        write_parquet)
 
 
 def cached_outputs(cache_dir: Path | None, stage: str, key: str, outputs: Sequence[Path],
