@@ -3,7 +3,7 @@ family itself, shared setup, excluded), warm (the same run again: everything cac
 run folder with one more merge method in the config: one merge per parent group), each `merge-eval run` in its
 own process.
 
-The incremental run is read against the cache ledger's seconds (reports.cache): ratio = its wall time / the new
+The incremental run is read against the cache ledger's seconds (runstore.cache): ratio = its wall time / the new
 models' own stage seconds (merge, behaviour, captures, probes, and their weight-feature and functional pairs),
 target <= 1.3; the rest is broken down by stage (every other computed stage's ledger seconds) plus what no stage
 records (process and Prefect start, table writes, artifacts).
@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reports.cache import read_ledger  # noqa: E402
+from runstore.cache import read_ledger  # noqa: E402
 
 ADDED = {"method": "task_arithmetic", "label": "ta07", "parameters": {"weight": 0.7}}
 

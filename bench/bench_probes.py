@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import sklearn
 import torch
-from threadpoolctl import threadpool_limits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import f1_score, log_loss
+from threadpoolctl import threadpool_limits
 
 from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
@@ -36,7 +36,7 @@ from probing.hooks import HookRunner
 from probing.probes import C_GRID, Split, control_labels, probe_classification, probe_regression, standardise
 from probing.stage import control_keys, load_tasks, probe_jobs
 from probing.store import CaptureStore, capture_model, model_ref
-from reports.tables import atomic_path
+from runstore.atomic import atomic_path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 # Both sides at the optimum: at its default tol=1e-4 scikit-learn stops short often enough to flip a test item

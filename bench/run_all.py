@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from reports.tables import atomic_path  # noqa: E402
+from runstore.atomic import atomic_path  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
@@ -69,6 +69,7 @@ def probes(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
 def capture(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     from bench_capture import bf16_row, forward_rows, similarity_row
+
     from probing.similarity.unlabeled import TokenWindows
 
     rows = forward_rows(family["base"], ["noun_number"], reps=1 if quick else 4,
@@ -79,6 +80,7 @@ def capture(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
 def similarity(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     from bench_functional import functional_row
+
     from probing.similarity.unlabeled import TokenWindows
     from probing.store import CaptureStore
 

@@ -23,8 +23,8 @@ import polars as pl
 from evaluation.outcomes import metric_key
 from evaluation.suites import get_suite, task_manager
 from merging.checkpoints import LoadOptions, content_digest, load_model
-from reports.cache import cache_key, record
-from reports.tables import atomic_write_text, read_cached
+from runstore.atomic import atomic_write_text, read_cached
+from runstore.cache import cache_key, record
 
 CACHE_SUBDIR = "behavior"
 BEHAVIOR_VERSION = "2"  # 2: results carry lm-eval's per-item samples (older entries, without them, are misses)

@@ -183,7 +183,7 @@ def cached_outcomes(cache_dir: Path | None, kind: str, inputs: Sequence[Path], l
     from dataclasses import asdict
 
     from evaluation import paired
-    from reports.cache import ALL_MODELS, cache_key, cached_frame, code_version, content_digest
+    from runstore.cache import ALL_MODELS, cache_key, cached_frame, code_version, content_digest
 
     key = cache_key("outcomes", kind, code_version(__file__, paired.__file__, *sources), content_digest(inputs),
                     [asdict(lineage) for lineage in lineages], seed)

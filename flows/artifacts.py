@@ -8,6 +8,7 @@ unreadable table gives a shorter summary, and no failure here fails the run.
 from __future__ import annotations
 
 import math
+
 import polars as pl
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -15,10 +16,10 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.config import ExperimentConfig
 from flows.orchestration import Failure, artifact_key
-from flows.run_store import RunDir
 from reports import findings
-from reports.errors import describe
-from reports.tables import read_table
+from runstore.errors import describe
+from runstore.run_dir import RunDir
+from runstore.tables import read_table
 
 HEADLINE_CORRELATIONS = 5
 RANKING_COLUMNS = ("kind", "model", "method", "normalized", "gap_closed", "merge_gain", "better", "between", "worse",

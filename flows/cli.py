@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from flows import console
-from reports.errors import UserError, describe, is_disk_full
+from runstore.errors import UserError, describe, is_disk_full
 
 USAGE_ERROR = 2
 MODELS_FAILED = 1
@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, run_dir = validate_config(args.config, args.run_dir)  # fail fast, before Prefect starts its server
     from flows.orchestration import ModelsFailed
     from flows.pipeline import merge_eval
-    from flows.run_store import RunDir
+    from runstore.run_dir import RunDir
 
     fresh = not run_dir.exists()
     try:
@@ -80,7 +80,7 @@ def _discard_if_nothing_made(run_dir: Path) -> None:
     """Remove a run directory this run created when it failed before making anything but its bookkeeping (config,
     lock, ledger) and links to the parents; anything more (a merge, a cache entry) is kept for the next run to
     resume from."""
-    from flows.run_store import RunDir
+    from runstore.run_dir import RunDir
 
     kept = RunDir(run_dir).bookkeeping()
     made = [p for p in run_dir.rglob("*") if not (p.is_symlink() or p.is_dir() or p in kept)]

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merging.methods import METHODS
-from reports.errors import UserError
+from runstore.errors import UserError
 
 Precision = Literal["float32", "bfloat16", "float16"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

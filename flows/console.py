@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from reports.errors import UserError
+from runstore.errors import UserError
 
 VERBOSE = "MERGE_EVAL_VERBOSE"
 

@@ -19,8 +19,9 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from flows.config import OrchestrationSpec
-from reports.errors import UserError, describe
-from reports.tables import CONTRACT_COLUMNS
+from runstore.errors import UserError, describe
+from runstore.tables import CONTRACT_COLUMNS
+
 
 @dataclass(frozen=True)
 class Failure:

@@ -25,17 +25,17 @@ from prefect.states import Failed
 from flows import console
 from flows.artifacts import artifacts_task
 from flows.config import ExperimentConfig, load_config, merge_name
-from flows.orchestration import (Failure, ModelsFailed, failures_frame, gather, gpu_claim, retry_options,
-                                 task_runner)
-from flows.run_store import RunDir
+from flows.orchestration import Failure, ModelsFailed, failures_frame, gather, gpu_claim, retry_options, task_runner
 from merging import checkpoints
 from merging.checkpoints import LoadOptions, resolve_source
 from merging.merge import MergeLineage, merge
 from merging.preflight import cached_preflight
 from probing.similarity.weights import cached_weight_features
 from probing.store import CaptureJob, CaptureStore, ModelRef, model_ref
-from reports.cache import record
-from reports.tables import atomic_write_text, read_table, replace_rows, write_table
+from runstore.atomic import atomic_write_text
+from runstore.cache import record
+from runstore.run_dir import RunDir
+from runstore.tables import read_table, replace_rows, write_table
 
 
 def merge_lineages(config: ExperimentConfig) -> list[MergeLineage]:
@@ -185,9 +185,10 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
 def internals_outcomes_task(lineages: list[MergeLineage], run: RunDir, config: ExperimentConfig) -> Path:
     """Merge vs parents on probe scores (kind=internals) into outcomes.parquet, keeping the rows of other kinds;
     relations decided by paired tests on the probes' test items."""
+    import probing.paired
     import probing.stage
     from evaluation.outcomes import cached_outcomes, compute_outcomes
-    from evaluation.paired import probe_paired_tests
+    from probing.paired import probe_paired_tests
     from probing.stage import internals_scores
 
     def compute() -> pl.DataFrame:
@@ -196,7 +197,8 @@ def internals_outcomes_task(lineages: list[MergeLineage], run: RunDir, config: E
         return compute_outcomes(internals_scores(probes), lineages, kind="internals", paired=paired)
 
     inputs = [run.tables / "probes.parquet", run.tables / "probe_items.parquet"]
-    rows = cached_outcomes(run.cache, "internals", inputs, lineages, config.seed, compute, [probing.stage.__file__])
+    rows = cached_outcomes(run.cache, "internals", inputs, lineages, config.seed, compute,
+                           [probing.stage.__file__, probing.paired.__file__])
     return replace_rows(run.tables, "outcomes", rows, "kind", "internals")
 
 
@@ -281,7 +283,7 @@ def merge_eval(config_path: str, run_dir: str | None = None) -> str:
 
 
 def _run_pipeline(config: ExperimentConfig, run: RunDir, config_path: str) -> str:
-    run.write_config(config, Path(config_path))
+    run.write_config(config, Path(config_path), seeds={"global": config.seed, "probing": config.probing.seeds})
     study = run_study.with_options(task_runner=task_runner(config.orchestration))
     failures = study(config, run)
     if failures:  # a Failed state, not a raise: the failures are the message, no traceback is logged

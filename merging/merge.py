@@ -20,9 +20,9 @@ import psutil
 from merging import sparsify
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.methods import METHODS, mergekit_config
-from reports.cache import cache_key, record
-from reports.errors import UserError, is_disk_full
-from reports.tables import CACHE_LOG, atomic_dir, read_cached
+from runstore.atomic import CACHE_LOG, atomic_dir, read_cached
+from runstore.cache import cache_key, record
+from runstore.errors import UserError, is_disk_full
 
 MANIFEST = "manifest.json"
 MERGE_VERSION = "1"  # bumped when merge code changes what a merge with the same inputs writes

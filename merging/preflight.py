@@ -20,9 +20,9 @@ import merging.streaming
 from merging.checkpoints import CheckpointError, checkpoint_problems, content_digest
 from merging.family import TOKENIZER_PROBE
 from merging.streaming import FLOAT_DTYPES, StreamedCheckpoint, row_chunks
-from reports.cache import ALL_MODELS, cache_key, cached_value, code_version
-from reports.errors import UserError
-from reports.tables import atomic_write_text
+from runstore.atomic import atomic_write_text
+from runstore.cache import ALL_MODELS, cache_key, cached_value, code_version
+from runstore.errors import UserError
 
 TIED_HEAD = "lm_head.weight"  # absent from a checkpoint whose output head is its input embedding
 _EMBEDDING_MARKERS = ("embed_tokens", "wte", "embed_in")

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from probing.holmes import ProbingTask, Span
 from probing.hooks import HookRunner, layer_hooks
-from reports.cache import cache_key
-from reports.errors import UserError
+from runstore.cache import cache_key
+from runstore.errors import UserError
 
 PAIR_JOIN = " "  # _CROSS pair types: decoder-only models have no separator token, so sides are joined by a space
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from reports.cache import content_digest as files_digest
-from reports.errors import UserError
+from runstore.cache import content_digest as files_digest
+from runstore.errors import UserError
 
 COLUMNS = ("inputs", "context", "topic", "org_label", "set-0", "string_label", "label", "id")
 REQUIRED_COLUMNS = ("inputs", "context", "set-0", "label")

@@ -8,8 +8,8 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from reports.errors import UserError
-from reports.tables import read_table
+from runstore.errors import UserError
+from runstore.tables import read_table
 
 BARS = " ▁▂▃▄▅▆▇█"
 

@@ -28,8 +28,9 @@ from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_task
 from probing.hooks import layer_hooks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from probing.store import CaptureJob, CaptureStore, ModelRef
-from reports.cache import cache_key, record
-from reports.tables import read_cached, write_parquet
+from runstore.atomic import read_cached
+from runstore.cache import cache_key, record
+from runstore.tables import write_parquet
 
 PROBE_VERSION = "2"  # 2: per-item test predictions (probe_items) cached beside the rows
 

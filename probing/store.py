@@ -20,8 +20,8 @@ from safetensors import safe_open
 
 from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, InputSet, run_capture
 from probing.hooks import HookRunner
-from reports.cache import cache_key, record
-from reports.tables import atomic_path, read_cached
+from runstore.atomic import atomic_path, read_cached
+from runstore.cache import cache_key, record
 
 CAPTURE_VERSION = "2"  # 2: hook requests + reducers, float32/bfloat16 storage (1 stored pooled layers in fp16)
 

@@ -43,11 +43,11 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from evaluation.outcomes import metric_key
 from evaluation import paired
+from evaluation.outcomes import metric_key
 from evaluation.paired import bootstrap_counts
-from reports.cache import cache_key, cached_outputs, code_version, content_digest
-from reports.tables import read_table, write_table
+from runstore.cache import cache_key, cached_outputs, code_version, content_digest
+from runstore.tables import read_table, write_table
 
 METHODS = ("pearson", "spearman", "kendall")
 RESAMPLES = 1000

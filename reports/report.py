@@ -23,9 +23,10 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
 from reports import figures, findings
-from reports.errors import UserError
-from reports.cache import cache_key, cached_outputs, code_version, content_digest
-from reports.tables import atomic_path, is_temp_name, read_table
+from runstore.atomic import atomic_path, is_temp_name
+from runstore.cache import cache_key, cached_outputs, code_version, content_digest
+from runstore.errors import UserError
+from runstore.tables import read_table
 
 TEMPLATE = "plotly_white"
 TABLES = ("behavior", "probes", "similarity", "outcomes", "correlations")

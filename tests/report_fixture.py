@@ -28,10 +28,9 @@ CORRELATION_SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, 
 
 def _merged(paths: dict[str, Path], out: Path, weight: float) -> Path:
     """A linear merge of the tiny children a and b, written like any checkpoint."""
+    from conftest import save_tiny
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig
-
-    from conftest import save_tiny
 
     a, b = (load_file(paths[name] / "model.safetensors") for name in ("a", "b"))
     state = {k: weight * a[k] + (1 - weight) * b[k] for k in a}
@@ -118,7 +117,7 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
     from merging.merge import MergeLineage
     from probing.similarity.weights import weight_features
     from probing.stage import internals_scores
-    from reports.tables import write_table
+    from runstore.tables import write_table
 
     lineages = [MergeLineage("a+b/linear", "linear", ("a", "b"), None, {"weight": 0.5}),
                 MergeLineage(XSS, "ties", ("a", "b"), "base", {"weight": 1.0})]

@@ -11,10 +11,20 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from reports.correlations import (METHODS, bootstrap_r, competence_variables, correlate_block, correlate_run,
-                                  correlations, outcome_variables, permutation_p, resample_counts,
-                                  selector_variables, with_q)
-from reports.tables import CONTRACT_COLUMNS, read_table, write_parquet
+from reports.correlations import (
+    METHODS,
+    bootstrap_r,
+    competence_variables,
+    correlate_block,
+    correlate_run,
+    correlations,
+    outcome_variables,
+    permutation_p,
+    resample_counts,
+    selector_variables,
+    with_q,
+)
+from runstore.tables import CONTRACT_COLUMNS, read_table, write_parquet
 
 SCIPY = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
 MODELS = ["base", "instruct", "math", "code", "instruct+math/linear", "instruct+math/ties", "instruct+code/linear",

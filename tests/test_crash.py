@@ -16,14 +16,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import write_tiny_config
+
 from flows.cli import main
-from flows.run_store import RunDir
 from merging.checkpoints import content_digest, safetensors_problem
 from merging.merge import MANIFEST, MergeLineage, merge
-from reports.cache import ALL_MODELS, LEDGER, cache_key, read_ledger, record, start_run
-from reports.tables import atomic_dir, is_temp_name
+from runstore.atomic import atomic_dir, is_temp_name
+from runstore.cache import ALL_MODELS, LEDGER, cache_key, read_ledger, record, start_run
+from runstore.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENTS = ["base", "a", "b"]
@@ -168,7 +168,7 @@ def test_kill_9_mid_run_then_run_again_gives_the_uninterrupted_tables(finished, 
     assert len(weights) > 10 and [problem for problem in map(safetensors_problem, weights) if problem] == []
 
 
-HOLD = "import sys, time; from pathlib import Path; from flows.run_store import RunDir\n" \
+HOLD = "import sys, time; from pathlib import Path; from runstore.run_dir import RunDir\n" \
        "with RunDir(Path(sys.argv[1])).lock():\n" \
        "    print('held', flush=True); time.sleep(600)"
 

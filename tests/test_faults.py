@@ -31,9 +31,9 @@ from flows.cli import main
 from merging.checkpoints import CheckpointError, LoadOptions, load_model
 from merging.merge import MANIFEST, MergeLineage, merge
 from merging.preflight import PreflightError, preflight
-from reports.errors import NoSpaceError, UserError
-from reports.tables import (TableError, atomic_dir, atomic_write_text, read_cached, read_table, replace_rows,
-                            write_table)
+from runstore.atomic import atomic_dir, atomic_write_text, read_cached
+from runstore.errors import NoSpaceError, UserError
+from runstore.tables import TableError, read_table, replace_rows, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a full disk makes polars and safetensors raise (measured on a full tmpfs): their own types, errno in the text.
@@ -332,7 +332,7 @@ def test_sigkill_during_a_write_keeps_the_previous_file(tmp_path):
     write_table(tables, "scratch", good)
     writer = textwrap.dedent(f"""
         import time
-        from reports.tables import atomic_path
+        from runstore.atomic import atomic_path
         with atomic_path({str(tables / "scratch.parquet")!r}) as temp:
             with open(temp, "wb") as handle:
                 handle.write(b"PAR1" + b"half a table" * 1000)
@@ -354,7 +354,7 @@ def test_sigkill_during_a_write_keeps_the_previous_file(tmp_path):
 def test_disk_full_writing_a_table_keeps_the_previous_one(tiny_family, tmp_path, monkeypatch, capsys):
     """Through `merge-eval run`: the flow's table writer meets a full disk (polars' real error text)."""
     import flows.pipeline
-    from flows.run_store import RunDir
+    from runstore.run_dir import RunDir
 
     run = RunDir(tmp_path / "run")
     previous = pl.DataFrame({"model": ["m"], "task": ["t"], "group": [None], "metric": ["acc"], "value": [0.5],

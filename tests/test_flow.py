@@ -11,10 +11,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-
 from conftest import write_tiny_config
+
 from flows.cli import main
-from flows.run_store import RunDir
+from runstore.run_dir import RunDir
 
 
 @pytest.fixture()

@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-
 from conftest import write_tiny_config
-from flows.run_store import RunDir
+
 from probing.inspect import show_probes
+from runstore.run_dir import RunDir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "holmes"
 TASKS = ["blimp-determiner_noun_agreement_1", "pos", "protoroles-volition", "next-sentence-prediction"]

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 from prefect import flow, task
+from test_flow import tiny_config  # noqa: F401 - the tiny family's config fixture
 
 from flows.cli import main
 from flows.config import ConfigError, parse_config
 from flows.orchestration import Failure, gather, retry_unless_user_error
 from flows.pipeline import comparable, merge_lineages
-from flows.run_store import RunDir
-from reports.errors import UserError
-from test_flow import tiny_config  # noqa: F401 - the tiny family's config fixture
+from runstore.errors import UserError
+from runstore.run_dir import RunDir
 
 TABLES = ("behavior", "behavior_items", "probes", "probe_items", "similarity", "outcomes", "correlations", "failures")
 

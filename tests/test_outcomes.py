@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 
 from evaluation.outcomes import compute_outcomes
-from evaluation.paired import behavior_paired_tests, paired_bootstrap, probe_paired_tests
+from evaluation.paired import behavior_paired_tests, paired_bootstrap
 from merging.merge import MergeLineage
-from reports.tables import CONTRACT_COLUMNS
+from probing.paired import probe_paired_tests
+from runstore.tables import CONTRACT_COLUMNS
 
 LINEAGES = [MergeLineage("m", "linear", ("a", "b"), "base"), MergeLineage("m2", "ties", ("a", "b"), "base"),
             MergeLineage("m3", "task_arithmetic", ("a", "b", "c"), "base")]

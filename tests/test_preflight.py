@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer, save_tiny, tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tokenizer, save_tiny, tiny_config
 from flows.cli import main
 from merging.family import load_state_dict
 from merging.preflight import PreflightError, cached_preflight, preflight
-from reports.cache import read_ledger
+from runstore.cache import read_ledger
 
 
 def _copy(source: Path, target: Path) -> Path:

@@ -18,7 +18,7 @@ from probing.hooks import HookRunner
 from probing.probes import Split, probe_classification, standardise
 from probing.stage import internals_scores, load_tasks, probe_jobs, probe_model
 from probing.store import CaptureStore, capture_model, model_ref
-from reports.tables import CONTRACT_COLUMNS, write_table
+from runstore.tables import CONTRACT_COLUMNS, write_table
 
 TASKS = ["noun_number", "next_sentence", "sentence_length"]
 

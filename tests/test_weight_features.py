@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from merging.preflight import PreflightError
 from merging.streaming import layer_of, module_of
 from probing.similarity.weights import accumulate, cached_weight_features, derive, weight_features
-from reports.cache import read_ledger, start_run
+from runstore.cache import read_ledger, start_run
 
 SHAPES = {"model.embed_tokens.weight": (12, 8), "model.norm.weight": (8,)}
 for _layer in range(2):

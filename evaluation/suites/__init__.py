@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from reports.cache import cache_key
-from reports.cache import content_digest as files_digest
-from reports.errors import UserError
+from runstore.cache import cache_key
+from runstore.cache import content_digest as files_digest
+from runstore.errors import UserError
 
 OFFLINE_DIR = Path(__file__).parent / "offline"
 

@@ -25,8 +25,9 @@ from probing.hooks import LOGITS_HOOK, layer_hooks, pattern_hooks
 from probing.similarity.registry import conform, summary_rows
 from probing.similarity.unlabeled import TokenWindows
 from probing.store import CaptureJob, CaptureStore, ModelRef
-from reports.cache import cache_key, code_version, record
-from reports.tables import read_cached, write_parquet
+from runstore.atomic import read_cached
+from runstore.cache import cache_key, code_version, record
+from runstore.tables import write_parquet
 
 TOP_K = 1024
 LOG_FLOOR = -100.0  # log q_b floor (e^-100): a token b gives exactly zero mass would make KL infinite

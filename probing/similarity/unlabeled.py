@@ -20,7 +20,7 @@ import torch
 from evaluation.suites import OFFLINE_DIR
 from probing.build_suite import SUITE_DIR
 from probing.capture import Batch, CaptureError
-from reports.cache import cache_key
+from runstore.cache import cache_key
 
 SET_VERSION = "1"
 

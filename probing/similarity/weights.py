@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from merging.checkpoints import content_digest
 from merging.streaming import StreamedCheckpoint, layer_of, module_of, stream_chunks
 from probing.similarity.registry import conform
-from reports.cache import cache_key as make_key
-from reports.cache import content_digest as files_digest
-from reports.cache import record
-from reports.tables import read_cached, write_parquet
+from runstore.atomic import read_cached
+from runstore.cache import cache_key as make_key
+from runstore.cache import content_digest as files_digest
+from runstore.cache import record
+from runstore.tables import write_parquet
 
 ZERO_RTOL = 1e-6  # |δ| ≤ ZERO_RTOL·|θ_base| counts as unchanged: ~8 float32 ulps, far below any real update
 CHUNK_BYTES = 64 << 20  # working set of one chunk across all models (float64 values + float32 signs)

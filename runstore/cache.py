@@ -24,7 +24,8 @@ from pathlib import Path
 
 import polars as pl
 
-from reports.tables import atomic_write_text, read_cached, write_parquet
+from runstore.atomic import atomic_write_text, read_cached
+from runstore.tables import write_parquet
 
 KEY_LENGTH = 32
 LEDGER = "ledger.jsonl"

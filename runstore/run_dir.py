@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 from filelock import FileLock, Timeout
+from pydantic import BaseModel
 
-from flows.config import ExperimentConfig
-from reports.cache import LEDGER, start_run
-from reports.errors import UserError
-from reports.tables import atomic_symlink, atomic_write_text, remove_temps
+from runstore.atomic import atomic_symlink, atomic_write_text, remove_temps
+from runstore.cache import LEDGER, start_run
+from runstore.errors import UserError
 
 RECORDED_PACKAGES = ("merge-eval", "torch", "transformers", "tokenizers", "safetensors", "peft", "mergekit",
                      "lm_eval", "transformer-lens", "scikit-learn", "numpy", "scipy", "polars", "prefect")
@@ -121,12 +121,12 @@ class RunDir:
         """models/<parent> as a symlink to where the parent lives: referenced, never copied."""
         return atomic_symlink(self.model_dir(name), source)
 
-    def write_config(self, config: ExperimentConfig, source: Path) -> Path:
-        """config.yaml: the validated config with defaults filled in, plus versions and provenance."""
+    def write_config(self, config: BaseModel, source: Path, seeds: dict[str, object]) -> Path:
+        """config.yaml: the validated config (any pydantic model: the run store knows no stage's fields) with
+        defaults filled in, plus versions, seeds and provenance."""
         resolved = config.model_dump(mode="json")
         resolved["_provenance"] = {"config_file": str(source), "versions": package_versions(),
-                                   "code_revision": code_revision(), "seeds": {"global": config.seed,
-                                                                               "probing": config.probing.seeds}}
+                                   "code_revision": code_revision(), "seeds": seeds}
         target = self.root / "config.yaml"
         atomic_write_text(target, yaml.safe_dump(resolved, sort_keys=False))
         return target
