@@ -9,13 +9,17 @@ is better (o = value, or -value where higher_is_better is false). On that key:
 
 - expert E = the parent with the highest oriented score, aux A = the parent with the lowest (for two parents:
   the better and the worse parent on THIS task; for our family the domain child is the expert on its domain).
-- relation (the seed paper's Figs 3-4), decided by `relation_test`:
+- relation (the seed paper's Figs 3-4, plus "unresolved"), decided by `relation_test`:
   "paired_bootstrap" where `paired` (evaluation.paired) holds the merge's paired tests against both E and A on the
   items both answered: "better" if the 95% CI of o_M - o_E lies above 0, "worse" if that of o_M - o_A lies below
-  0, else "between"; the differences, CIs and p-values are in diff_expert*, diff_aux*, p_expert, p_aux.
-  "stderr" otherwise (scores without items): "better" if o_M - o_E > tol_E, "worse" if o_A - o_M > tol_A, else
-  "between"; tol_X = sqrt(se_M^2 + se_X^2), one standard error of the difference, so a merge within noise of
-  a parent counts as equal to it. A missing stderr counts as 0 (an exact score).
+  0, "between" only if the tests place the merge between its parents (the CI of o_M - o_E lies below 0 AND that
+  of o_M - o_A above 0), else "unresolved": the tests cannot tell it from a parent (a merge within noise of a
+  parent is not "between" it and the other). The differences, CIs and p-values are in diff_expert*, diff_aux*,
+  p_expert, p_aux.
+  "stderr" otherwise (scores without items): the same four outcomes with "beyond one standard error of the
+  difference", tol_X = sqrt(se_M^2 + se_X^2), in place of "the CI excludes 0": "better" if o_M - o_E > tol_E,
+  "worse" if o_A - o_M > tol_A, "between" if o_E - o_M > tol_E and o_M - o_A > tol_A, else "unresolved". A
+  missing stderr counts as 0 (an exact score).
 - delta_expert = o_M - o_E, delta_aux = o_M - o_A (SimMerge, Δexpert / Δaux: positive = merge is better).
 - gap_closed = (o_M - o_A) / (o_E - o_A) (SimMerge GapClosed): 0 = no better than the weaker parent,
   1 = reaches the expert; undefined (NaN) when the parents tie.
@@ -154,10 +158,13 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
         pl.when(~complete).then(pl.lit(None, pl.String))
         .when(tested & (pl.col("diff_expert_low") > 0)).then(pl.lit("better"))
         .when(tested & (pl.col("diff_aux_high") < 0)).then(pl.lit("worse"))
-        .when(tested).then(pl.lit("between"))
+        .when(tested & (pl.col("diff_expert_high") < 0) & (pl.col("diff_aux_low") > 0)).then(pl.lit("between"))
+        .when(tested).then(pl.lit("unresolved"))
         .when(pl.col("o_merge") - pl.col("o_expert") > tol_e).then(pl.lit("better"))
         .when(pl.col("o_aux") - pl.col("o_merge") > tol_a).then(pl.lit("worse"))
-        .otherwise(pl.lit("between")).alias("relation"),
+        .when((pl.col("o_expert") - pl.col("o_merge") > tol_e) & (pl.col("o_merge") - pl.col("o_aux") > tol_a))
+        .then(pl.lit("between"))
+        .otherwise(pl.lit("unresolved")).alias("relation"),
         _safe_ratio(pl.col("o_merge") - pl.col("o_aux"), gap, complete & (gap != 0)).alias("gap_closed"),
         _safe_ratio(norm_num, norm_den, complete & (norm_den > 0)).alias("normalized"),
         nan_if_incomplete(pl.col("o_merge") - pl.col("o_expert")).alias("delta_expert"),

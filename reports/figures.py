@@ -23,7 +23,8 @@ from plotly.subplots import make_subplots
 from probing.inspect import curves
 from reports.findings import KIND_LABELS, SIGNIFICANT
 
-RELATION_COLORS = {"better": "#2ca02c", "between": "#b0b0b0", "worse": "#d62728", "undecided": "#f2d8a7"}
+RELATION_COLORS = {"better": "#2ca02c", "between": "#7f9fbf", "worse": "#d62728", "unresolved": "#d0d0d0",
+                   "undecided": "#f2d8a7"}
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
 HEATMAP_ROWS = 60  # beyond this a heatmap is unreadable on a laptop: keep the rows with the strongest |r|
 HEATMAP_COLUMNS = 40  # the same for columns (a 1280 px wide page)
@@ -168,7 +169,8 @@ def behaviour_chart(behavior: pl.DataFrame | None, outcomes: pl.DataFrame | None
 # ------------------------------------------------------------------------------------------ merge vs parents
 
 def relation_chart(outcomes: pl.DataFrame | None, order: list[str]) -> Chart | None:
-    """Paper Figs 3-4, 6-7: per merge, how many task comparisons put it above, between or below its parents."""
+    """Paper Figs 3-4, 6-7: per merge, how many task comparisons put it above, between or below its parents, and
+    how many the tests cannot resolve."""
     if outcomes is None:
         return None
     rows = outcomes.filter(pl.col("level") == "task") if "level" in outcomes.columns else outcomes
@@ -192,9 +194,11 @@ def relation_chart(outcomes: pl.DataFrame | None, order: list[str]) -> Chart | N
     fig.update_yaxes(title_text="comparisons (task × metric)", col=1)
     fig.update_xaxes(tickangle=35)
     _layout(fig, 460, barmode="stack")
-    return Chart("relations", "Merge vs both parents: better / between / worse", {"": fig},
-                 note="better = above the better parent, worse = below the weaker parent, beyond the noise of the "
-                      "comparison; undecided = a score is missing (see the outcomes table's reason).")
+    return Chart("relations", "Merge vs both parents: better / between / worse / unresolved", {"": fig},
+                 note="better = above the better parent, worse = below the weaker parent, between = below the "
+                      "better AND above the weaker one, each beyond the noise of the comparison (paired CI "
+                      "excludes 0); unresolved = the tests cannot tell the merge from a parent; undecided = a "
+                      "score is missing (see the outcomes table's reason).")
 
 
 # ---------------------------------------------------------------------------------------------- internals

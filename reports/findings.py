@@ -14,6 +14,7 @@ import polars as pl
 SIGNIFICANT = 0.05
 TOP_CORRELATIONS = 10
 KIND_LABELS = {"behavior": "behaviour", "internals": "internals"}
+RELATIONS = ("better", "between", "worse", "unresolved")
 
 
 def _task_rows(outcomes: pl.DataFrame) -> pl.DataFrame:
@@ -31,7 +32,7 @@ def merge_ranking(outcomes: pl.DataFrame) -> dict[str, list[dict]]:
     ranked = rows.group_by("kind", "model", "method").agg(
         _finite("normalized").mean(), _finite("gap_closed").median(), _finite("merge_gain").mean(),
         pl.len().alias("comparisons"),
-        *[(pl.col("relation") == r).sum().alias(r) for r in ("better", "between", "worse")],
+        *[(pl.col("relation") == r).sum().alias(r) for r in RELATIONS],
     ).sort("kind", "normalized", "merge_gain", descending=[False, True, True], nulls_last=True)
     return {kind: ranked.filter(pl.col("kind") == kind).to_dicts() for kind in _kinds(ranked)}
 
@@ -48,7 +49,8 @@ def _parent_resolved(side: str) -> pl.Expr:
 
 
 def resolved_comparisons(outcomes: pl.DataFrame) -> list[dict]:
-    """Per kind: task comparisons in total, resolved (better or worse than both parents), between, undecided;
+    """Per kind: task comparisons in total, resolved (better or worse than both parents), between (placed between
+    them by the tests), unresolved (the tests cannot tell the merge from a parent), undecided (a score missing);
     and, where paired tests ran, the merge-vs-one-parent tests and how many of them resolve a difference."""
     rows = _task_rows(outcomes)
     paired = "diff_expert_low" in rows.columns
@@ -59,7 +61,8 @@ def resolved_comparisons(outcomes: pl.DataFrame) -> list[dict]:
     counts = rows.group_by("kind").agg(
         pl.len().alias("total"), pl.col("relation").is_in(["better", "worse"]).sum().alias("resolved"),
         (pl.col("relation") == "better").sum().alias("better"), (pl.col("relation") == "worse").sum().alias("worse"),
-        (pl.col("relation") == "between").sum().alias("between"), pl.col("relation").is_null().sum().alias("undecided"),
+        (pl.col("relation") == "between").sum().alias("between"),
+        (pl.col("relation") == "unresolved").sum().alias("unresolved"), pl.col("relation").is_null().sum().alias("undecided"),
         *tests)
     order = {k: i for i, k in enumerate(_kinds(counts))}
     return sorted(counts.to_dicts(), key=lambda r: order[r["kind"]])

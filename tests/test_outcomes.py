@@ -76,14 +76,14 @@ def test_lower_is_better_metric_is_oriented(outcomes):
     assert r["merge_gain"] == pytest.approx(-25 + 15)
 
 
-def test_within_one_stderr_of_the_expert_is_between(outcomes):
-    r = row(outcomes, "m", "near")  # 0.62 - 0.6 = 0.02 < 0.0707
-    assert r["relation"] == "between" and r["gap_closed"] == pytest.approx(1.2)
+def test_within_one_stderr_of_the_expert_is_unresolved_not_between(outcomes):
+    r = row(outcomes, "m", "near")  # 0.62 - 0.6 = 0.02 < 0.0707: cannot be told from the expert
+    assert r["relation"] == "unresolved" and r["gap_closed"] == pytest.approx(1.2)
 
 
 def test_undefined_ratios_are_nan_with_a_reason(outcomes):
     tie = row(outcomes, "m", "tie")
-    assert tie["relation"] == "between" and math.isnan(tie["gap_closed"]) and tie["normalized"] == pytest.approx(1)
+    assert tie["relation"] == "unresolved" and math.isnan(tie["gap_closed"]) and tie["normalized"] == pytest.approx(1)
     assert tie["reason"] == "gap_closed undefined: parents score equal"
     zero = row(outcomes, "m", "zero")
     assert zero["relation"] == "better" and math.isnan(zero["gap_closed"]) and math.isnan(zero["normalized"])
@@ -174,7 +174,7 @@ def test_behavior_items_decide_the_relation_where_stderr_bands_cannot():
     assert sorted(paired["parent"]) == ["a", "b"] and set(paired["n_items"]) == {n}
     out = compute_outcomes(scores, ITEM_LINEAGE, "behavior", paired=paired).row(0, named=True)
     unpaired = compute_outcomes(scores, ITEM_LINEAGE, "behavior").row(0, named=True)
-    assert (unpaired["relation"], unpaired["relation_test"]) == ("between", "stderr")
+    assert (unpaired["relation"], unpaired["relation_test"]) == ("unresolved", "stderr")
     assert (out["relation"], out["relation_test"]) == ("better", "paired_bootstrap")
     assert (out["expert"], out["aux"]) == ("b", "a")
     diff, low, high, p = _by_hand(m, b, 0, 400)
@@ -283,3 +283,28 @@ def test_internals_outcomes_use_probe_items_keys():
     assert joined.height == 5
     assert joined["diff_expert"].to_list() == pytest.approx(joined["diff"].to_list())
     assert joined["diff"].to_list() == pytest.approx(joined["delta_expert"].to_list())
+
+
+def _paired_rows(diffs: dict[tuple[str, str], tuple[float, float, float]]) -> pl.DataFrame:
+    """Hand-made paired tests: (merge, parent) -> (diff, ci_low, ci_high) on task t."""
+    return pl.DataFrame([{"model": m, "parent": p, "task": "t", "diff": d, "ci_low": lo, "ci_high": hi, "p": 0.5,
+                          "n_items": 100} for (m, p), (d, lo, hi) in diffs.items()],
+                        schema={"model": pl.String, "parent": pl.String, "task": pl.String, "diff": pl.Float64,
+                                "ci_low": pl.Float64, "ci_high": pl.Float64, "p": pl.Float64, "n_items": pl.Int64})
+
+
+def test_between_needs_both_paired_tests_and_otherwise_it_is_unresolved():
+    """b is the expert (0.8), a the aux (0.4). m1's CIs put it below b and above a: between. m2 sits near b (its CI
+    against b spans 0): the tests cannot place it, unresolved. m3's CI against b lies above 0: better."""
+    lineages = [MergeLineage(m, "linear", ("a", "b"), "base") for m in ("m1", "m2", "m3")]
+    scores = pl.DataFrame({"model": ["a", "b", "m1", "m2", "m3"], "task": ["t"] * 5,
+                           "value": [0.4, 0.8, 0.6, 0.78, 0.9], "stderr": [0.01] * 5, "higher_is_better": [True] * 5})
+    paired = _paired_rows({("m1", "b"): (-0.2, -0.3, -0.1), ("m1", "a"): (0.2, 0.1, 0.3),
+                           ("m2", "b"): (-0.02, -0.06, 0.02), ("m2", "a"): (0.38, 0.3, 0.45),
+                           ("m3", "b"): (0.1, 0.05, 0.15), ("m3", "a"): (0.5, 0.4, 0.6)})
+    out = compute_outcomes(scores, lineages, "behavior", paired=paired).sort("model")
+    assert out["relation"].to_list() == ["between", "unresolved", "better"]
+    assert set(out["relation_test"]) == {"paired_bootstrap"}
+    # without the paired tests, the stderr bands (0.014) would call m2 between: only the tests may say so
+    assert compute_outcomes(scores, lineages, "behavior").sort("model")["relation"].to_list() == [
+        "between", "between", "better"]
