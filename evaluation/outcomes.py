@@ -28,6 +28,9 @@ is better (o = value, or -value where higher_is_better is false). On that key:
   Undefined (NaN) when the denominator is not positive.
 - merge_gain = o_M - mean_i(o_Pi) (Model Kinship, Hu et al. 2025: merged performance minus the parents' mean).
 
+`parameters` carries the merge's requested method parameters (JSON, sorted keys): merges of one parent pair by one
+method that differ in one parameter form a dose-response series (reports.primary).
+
 Every undefined number is NaN with the reason in `reason` (joined by "; "), never inf and never an exception:
 a merge or parent without a score (or a metric whose direction is unknown) gives a row with null relation and
 NaN metrics, and says why.
@@ -35,6 +38,7 @@ NaN metrics, and says why.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -65,9 +69,10 @@ def _lineage_frame(lineages: Sequence[MergeLineage]) -> pl.DataFrame:
         {"model": [m.model for m in lineages], "method": [m.method for m in lineages],
          "parent_a": [m.parents[0] for m in lineages],
          "parent_b": [m.parents[1] if len(m.parents) > 1 else None for m in lineages],
-         "parents": [list(m.parents) for m in lineages]},
+         "parents": [list(m.parents) for m in lineages],
+         "parameters": [json.dumps(m.parameters, sort_keys=True) for m in lineages]},
         schema={"model": pl.String, "method": pl.String, "parent_a": pl.String, "parent_b": pl.String,
-                "parents": pl.List(pl.String)})
+                "parents": pl.List(pl.String), "parameters": pl.String})
 
 
 def _oriented(scores: pl.DataFrame) -> pl.DataFrame:
@@ -176,7 +181,7 @@ def compute_outcomes(scores: pl.DataFrame, lineages: Sequence[MergeLineage], kin
         pl.when(reasons.list.len() > 0).then(reasons.list.join("; ")).alias("reason"),
     )
     return out.select(
-        "model", "method", "parent_a", "parent_b", *keys, "kind", "relation", "gap_closed", "normalized",
+        "model", "method", "parameters", "parent_a", "parent_b", *keys, "kind", "relation", "gap_closed", "normalized",
         "delta_expert", "delta_aux", "merge_gain", "expert", "aux", "value_merge", "value_expert", "relation_test",
         *(c for role in ("expert", "aux") for c in (f"diff_{role}", f"diff_{role}_low", f"diff_{role}_high",
                                                     f"p_{role}", f"n_items_{role}")), "reason",

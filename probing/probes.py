@@ -10,7 +10,7 @@ a seed; seeds redraw the control task, whose random-but-consistent labels are wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -300,14 +300,17 @@ def _bootstrap_counts(n: int, seed: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerScores:
-    """Per-layer results: metric name -> [L] task scores, [S, L] control scores, [L] bootstrap stderr; and the task
-    probe's test predictions per layer, [L, n_test] (class indices, or values for regression), in item order."""
+    """Per-layer results: metric name -> [L] task scores, [S, L] control scores, [L] bootstrap stderr, [L] the task
+    probe's scores on dev (what a best layer is chosen on, so that the test score it reports is not selected on
+    itself); and the task probe's test predictions per layer, [L, n_test] (class indices, or values for
+    regression), in item order."""
 
     task: dict[str, np.ndarray]
     control: dict[str, np.ndarray]
     stderr: dict[str, np.ndarray]
     chosen_c: np.ndarray
     test_pred: np.ndarray
+    dev: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, split: Split, classes: int,
@@ -328,6 +331,8 @@ def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, s
     true = yt[te]
     counts = _bootstrap_counts(int(te.sum()), seed)
     task = {"macro_f1": macro_f1(test_pred, true, classes), "accuracy": (test_pred == true).double().mean(-1)}
+    dev_pred = dev_logits[layers, best].argmax(-1)  # [L, n_dev] at each layer's chosen C
+    dev = {"macro_f1": macro_f1(dev_pred, yt[dv], classes), "accuracy": (dev_pred == yt[dv]).double().mean(-1)}
     boot = {"macro_f1": macro_f1(test_pred, true, classes, counts),
             "accuracy": counts @ (test_pred == true).double().T / counts.sum(-1, keepdim=True)}
     control = {k: np.zeros((len(controls), x.shape[0])) for k in task}
@@ -340,7 +345,8 @@ def probe_classification(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, s
                    "accuracy": (cpred == yc[:, te]).double().mean(-1).T.numpy()}
     return LayerScores(task={k: v.numpy() for k, v in task.items()}, control=control,
                        stderr={k: v.std(0).numpy() for k, v in boot.items()},
-                       chosen_c=np.array(c_grid)[best.numpy()], test_pred=test_pred.numpy())
+                       chosen_c=np.array(c_grid)[best.numpy()], test_pred=test_pred.numpy(),
+                       dev={k: v.numpy() for k, v in dev.items()})
 
 
 def fit_ridge(kernel: Kernel, y: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
@@ -366,6 +372,7 @@ def probe_regression(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, split
     best = dev_err.argmin(1)
     layers = torch.arange(x.shape[0])
     pred = (test_cross @ alpha[layers, best][..., None])[..., 0] + offset
+    dev_pred = (dev_cross @ alpha[layers, best][..., None])[..., 0] + offset
     counts = _bootstrap_counts(int(te.sum()), seed)
     boot = weighted_pearson(pred, yt[te], counts)
     control = np.zeros((len(controls), x.shape[0]))
@@ -376,7 +383,7 @@ def probe_regression(x: torch.Tensor, y: np.ndarray, controls: np.ndarray, split
         control = pearson(cpred, yc[:, te][None]).T.numpy()
     return LayerScores(task={"pearson": pearson(pred, yt[te]).numpy()}, control={"pearson": control},
                        stderr={"pearson": boot.std(0).numpy()}, chosen_c=np.array(c_grid)[best.numpy()],
-                       test_pred=pred.numpy())
+                       test_pred=pred.numpy(), dev={"pearson": pearson(dev_pred, yt[dv]).numpy()})
 
 
 def online_codelength(x: torch.Tensor, y: np.ndarray, train: np.ndarray, classes: int, seed: int,

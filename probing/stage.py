@@ -32,7 +32,7 @@ from runstore.atomic import read_cached
 from runstore.cache import cache_key, record
 from runstore.tables import write_parquet
 
-PROBE_VERSION = "2"  # 2: per-item test predictions (probe_items) cached beside the rows
+PROBE_VERSION = "3"  # 2: per-item test predictions (probe_items) cached beside the rows; 3: dev_value
 
 
 class ProbeTables(NamedTuple):
@@ -85,6 +85,7 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
     else:
         scores = probe_classification(x, task.labels, control, split, task.num_labels, seed=seeds[0])
     task_values, control_values, stderr = dict(scores.task), dict(scores.control), dict(scores.stderr)
+    nan = np.full(x.shape[0], np.nan)
     if mdl and not task.regression:
         uniform = split.train.sum() * np.log2(task.num_labels)
         task_values["compression"] = uniform / online_codelength(x, task.labels, split.train, task.num_labels,
@@ -101,13 +102,13 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
             frames.append(pl.DataFrame({
                 "layer": layers, "metric": metric, "value": values, "control_value": ctrl,
                 "selectivity": values - ctrl, "stderr": stderr[metric], "seed": seed,
-                "chosen_c": scores.chosen_c}))
+                "chosen_c": scores.chosen_c, "dev_value": scores.dev.get(metric, nan)}))
     rows = pl.concat(frames).with_columns(
         pl.lit(task.name).alias("task"), pl.lit(task.phenomenon).alias("phenomenon"),
         pl.lit(task.probe_type).alias("probe_type"), pl.lit(int(split.train.sum())).alias("n_train"),
         pl.lit(int(split.test.sum())).alias("n_test"), pl.lit(x.shape[0]).alias("n_layers"),
         pl.col("control_value").fill_nan(None), pl.col("selectivity").fill_nan(None),
-        pl.col("stderr").fill_nan(None))
+        pl.col("stderr").fill_nan(None), pl.col("dev_value").fill_nan(None))
     return ProbeTables(rows, test_items(task, split, scores.test_pred))
 
 

@@ -46,6 +46,7 @@ from scipy import stats
 from evaluation import paired
 from evaluation.outcomes import metric_key
 from evaluation.paired import bootstrap_counts
+from reports.power import MIN_DISTINCT, min_detectable_r, too_few_values
 from runstore.cache import cache_key, cached_outputs, code_version, content_digest
 from runstore.tables import read_table, write_table
 
@@ -58,11 +59,13 @@ OUTCOME_MEASURES = ("gap_closed", "merge_gain", "relation")
 RELATION_CODE = {"better": 1.0, "between": 0.0, "worse": -1.0}
 X_KEYS = ("x", "x_kind", "x_level", "view", "layer")
 Y_KEYS = ("y", "y_kind", "y_level", "y_metric")
-SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "x_level": pl.String, "y": pl.String,
-          "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String, "view": pl.String, "layer": pl.Int64,
-          "method": pl.String, "n": pl.Int64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-          "p": pl.Float64, "p_test": pl.String, "q": pl.Float64, "reason": pl.String,
-          "note": pl.String}
+SCHEMA = {"family": pl.String, "analysis": pl.String, "unit": pl.String, "x": pl.String, "x_kind": pl.String,
+          "x_level": pl.String, "y": pl.String, "y_kind": pl.String, "y_level": pl.String, "y_metric": pl.String,
+          "view": pl.String, "layer": pl.Int64, "method": pl.String, "n": pl.Int64, "n_effective": pl.Int64,
+          "min_detectable_r": pl.Float64, "r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
+          "p": pl.Float64, "p_test": pl.String, "q": pl.Float64, "reason": pl.String, "note": pl.String,
+          "flags": pl.String}
+EXPLORATORY = "exploratory"
 _CHUNK_BYTES = 128 << 20  # working set of one chunk of tests' bootstrap arrays (~4 of [tests, resamples, n])
 # statistics this close count as tied: scipy.stats.permutation_test's relative tolerance, plus an absolute one so
 # that an r of 0 that rounding left at 1e-17 ties with the re-pairings that give exactly 0 (p = 1, as it should)
@@ -71,7 +74,7 @@ _RELATIVE_TIE, _ABSOLUTE_TIE = 100 * np.finfo(float).eps, 1e-12
 
 # ---------------------------------------------------------------------------------------------------- variables
 
-def _variables(frame: pl.DataFrame, keys: tuple[str, ...], **constants) -> pl.DataFrame:
+def variable_rows(frame: pl.DataFrame, keys: tuple[str, ...], **constants) -> pl.DataFrame:
     """Long variable rows (unit, *keys, value), with missing key columns null and NaN values dropped."""
     frame = frame.with_columns(**{k: pl.lit(v) for k, v in constants.items()})
     columns = [pl.col(k) if k in frame.columns else pl.lit(None) for k in keys]
@@ -83,23 +86,41 @@ def _variables(frame: pl.DataFrame, keys: tuple[str, ...], **constants) -> pl.Da
 
 def competence_variables(probes: pl.DataFrame) -> pl.DataFrame:
     """x rows (unit = model) of competence per task and per phenomenon at every view."""
+    curves = competence_curves(probes)
+    dev = "dev" in curves.columns
+    views = curves.group_by("model", "x", "x_level", maintain_order=True).agg(
+        *([best_on_dev().alias("best_layer")] if dev else []), pl.col("value").last().alias("last_layer"),
+        pl.col("value").mean().alias("layer_mean"))
+    per_view = views.unpivot([c for c in ("best_layer", "last_layer", "layer_mean") if c in views.columns],
+                             index=["model", "x", "x_level"], variable_name="view")
+    both = pl.concat([per_view.with_columns(pl.lit(None, pl.Int64).alias("layer")),
+                      curves.drop("dev", strict=False).with_columns(pl.lit("per_layer").alias("view"))],
+                     how="diagonal_relaxed")
+    return variable_rows(both.rename({"model": "unit"}), X_KEYS, x_kind="competence")
+
+
+def competence_curves(probes: pl.DataFrame) -> pl.DataFrame:
+    """Per (model, x = task or phenomenon, layer): the headline test score (mean over seeds; a phenomenon's is the
+    mean of its tasks' curves) and, where probes recorded it (`dev_value`), the same on the dev split as `dev`."""
     headline = probes.filter(pl.col("metric").is_in(HEADLINE_METRICS))
+    dev = "dev_value" in headline.columns and headline["dev_value"].is_not_null().any()
+    means = [pl.col("value").mean(), *([pl.col("dev").mean()] if dev else [])]
     # groups in a fixed order (maintain_order): a mean summed in another order can break a tie between two models
     # by 1e-16 and move Spearman and Kendall r, so the same tables must always give the same sums
-    tasks = headline.group_by("model", "task", "phenomenon", "layer", maintain_order=True).agg(pl.col("value").mean())
-    curves = pl.concat([
-        tasks.select("model", pl.col("task").alias("x"), pl.lit("task").alias("x_level"), "layer", "value"),
-        tasks.group_by("model", "phenomenon", "layer", maintain_order=True).agg(pl.col("value").mean()).select(
-            "model", pl.col("phenomenon").alias("x"), pl.lit("phenomenon").alias("x_level"), "layer", "value"),
+    tasks = (headline.with_columns(pl.col("dev_value").alias("dev")) if dev else headline).group_by(
+        "model", "task", "phenomenon", "layer", maintain_order=True).agg(*means)
+    kept = ["value", *(["dev"] if dev else [])]
+    return pl.concat([
+        tasks.select("model", pl.col("task").alias("x"), pl.lit("task").alias("x_level"), "layer", *kept),
+        tasks.group_by("model", "phenomenon", "layer", maintain_order=True).agg(*means).select(
+            "model", pl.col("phenomenon").alias("x"), pl.lit("phenomenon").alias("x_level"), "layer", *kept),
     ]).sort("model", "x_level", "x", "layer")
-    views = curves.group_by("model", "x", "x_level", maintain_order=True).agg(
-        pl.col("value").max().alias("best_layer"), pl.col("value").last().alias("last_layer"),
-        pl.col("value").mean().alias("layer_mean"))
-    per_view = views.unpivot(["best_layer", "last_layer", "layer_mean"], index=["model", "x", "x_level"],
-                             variable_name="view")
-    both = pl.concat([per_view.with_columns(pl.lit(None, pl.Int64).alias("layer")),
-                      curves.with_columns(pl.lit("per_layer").alias("view"))], how="diagonal_relaxed")
-    return _variables(both.rename({"model": "unit"}), X_KEYS, x_kind="competence")
+
+
+def best_on_dev() -> pl.Expr:
+    """In a group of one curve's layers: the test score at the layer with the best dev score (the first on ties),
+    so the layer is chosen on data the reported score does not come from."""
+    return pl.col("value").get(pl.col("dev").fill_null(-np.inf).arg_max())
 
 
 def behavior_variables(behavior: pl.DataFrame) -> pl.DataFrame:
@@ -107,7 +128,7 @@ def behavior_variables(behavior: pl.DataFrame) -> pl.DataFrame:
     frame = behavior.with_columns(metric_key().alias("y_metric") if "filter" in behavior.columns
                                   else pl.col("metric").alias("y_metric"))
     level = pl.col("level") if "level" in frame.columns else pl.lit("task")
-    return _variables(frame.select(pl.col("model").alias("unit"), pl.col("task").alias("y"), level.alias("y_level"),
+    return variable_rows(frame.select(pl.col("model").alias("unit"), pl.col("task").alias("y"), level.alias("y_level"),
                                    "y_metric", "value"), Y_KEYS, y_kind="behavior")
 
 
@@ -119,7 +140,7 @@ def outcome_variables(outcomes: pl.DataFrame) -> pl.DataFrame:
                                     if c not in outcomes.columns))
     long = frame.unpivot(list(OUTCOME_MEASURES), index=["model", "kind", "task", "level", "metric"],
                          variable_name="measure")
-    return _variables(long.select(
+    return variable_rows(long.select(
         pl.col("model").alias("unit"), pl.col("task").alias("y"), pl.concat_str("kind", "measure", separator="_")
         .alias("y_kind"), pl.col("level").alias("y_level"), pl.col("metric").alias("y_metric"), "value"), Y_KEYS)
 
@@ -150,7 +171,7 @@ def selector_variables(similarity: pl.DataFrame, outcomes: pl.DataFrame) -> pl.D
     mean = (pl.concat(to_parents).group_by("unit", "x", "view", "layer")
             .agg(pl.col("value").mean(), pl.len().alias("parents")).filter(pl.col("parents") == 2)
             .select("unit", "x", "view", "layer", "value", pl.lit("merge_parents_mean").alias("x_kind")))
-    return _variables(pl.concat([_pairs(merges, features, "parent_a", "parent_b", "parent_pair"), own, *to_parents,
+    return variable_rows(pl.concat([_pairs(merges, features, "parent_a", "parent_b", "parent_pair"), own, *to_parents,
                                  mean], how="diagonal_relaxed"), X_KEYS)
 
 
@@ -333,20 +354,44 @@ def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | No
     return _flagged_sides(flat_x, flat_y, f"constant over the {n} {units}")
 
 
+def distinct_counts(values: np.ndarray) -> np.ndarray:
+    """Per row of [T, n]: how many distinct values it takes."""
+    ordered = np.sort(values, -1)
+    return 1 + (np.diff(ordered, axis=-1) != 0).sum(-1)
+
+
+def test_flags(r: np.ndarray, distinct_x: np.ndarray, distinct_y: np.ndarray, notes: list[str | None],
+               n: int) -> list[str | None]:
+    """Per test: why its r must not headline a report even where it is significant — |r| = 1 (a perfect fit over a
+    handful of units says more about the units than the relation), ties in x or y (fewer distinct values than
+    units: groups of units decide), one unit deciding r — joined by "; ", or None."""
+    flags = []
+    for value, kx, ky, note in zip(r, distinct_x, distinct_y, notes):
+        found = [] if not np.isfinite(value) else [
+            *(["|r| = 1"] if abs(value) > 1 - 1e-9 else []), *([f"x ties ({kx} values)"] if kx < n else []),
+            *([f"y ties ({ky} values)"] if ky < n else []), *(["one unit decides"] if note else [])]
+        flags.append("; ".join(found) or None)
+    return flags
+
+
 def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resamples: int,
-                    permutations: int = PERMUTATIONS) -> pl.DataFrame:
-    """Every method's n, r, CI, p (and how it was drawn), reason and note for tests over the same number of units
-    (rows of x, y [T, n]), with the test's row index in `test`."""
+                    permutations: int = PERMUTATIONS, methods: tuple[str, ...] = METHODS,
+                    min_distinct: int = MIN_DISTINCT) -> pl.DataFrame:
+    """Every method's n, effective n (distinct x values), the smallest |r| detectable at that n, r, CI, p (and how
+    it was drawn), reason, note and flags for tests over the same number of units (rows of x, y [T, n]), with the
+    test's row index in `test`. Below `min_distinct` distinct x values a test gets a reason, no r."""
     tests, n = x.shape
-    reasons = undefined_reasons(x, y, units)
+    distinct_x, distinct_y = (distinct_counts(v) for v in (x, y))
+    reasons = [reason or too_few_values(int(k), n, units, min_distinct)
+               for reason, k in zip(undefined_reasons(x, y, units), distinct_x)]
     ok = np.flatnonzero([reason is None for reason in reasons])
-    found = {m: {k: np.full(tests, np.nan) for k in ("r", "p", "ci_low", "ci_high")} for m in METHODS}
-    drawn = {m: None for m in METHODS}
+    found = {m: {k: np.full(tests, np.nan) for k in ("r", "p", "ci_low", "ci_high")} for m in methods}
+    drawn = {m: None for m in methods}
     notes = [None] * tests
     if len(ok):
         for index, note in zip(ok, one_unit_notes(x[ok], y[ok], units)):
             notes[index] = note
-        for method in METHODS:
+        for method in methods:
             found[method]["r"][ok] = point_estimates(method, x[ok], y[ok])
             found[method]["p"][ok], drawn[method] = permutation_p(method, x[ok], y[ok], permutations, seed)
         counts = resample_counts(n, resamples, seed)
@@ -355,37 +400,52 @@ def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resampl
         for start in range(0, len(ok), size):  # tests of one x row together: a chunk holds few distinct x rows
             chosen = ok[start:start + size]
             for method, boot in bootstrap_r(x[chosen], y[chosen], counts).items():
+                if method not in found:
+                    continue
                 found[method]["ci_low"][chosen], found[method]["ci_high"][chosen] = percentile_interval(boot)
-    tested = np.isfinite(found[METHODS[0]]["r"])
-    return pl.concat([pl.DataFrame({"test": np.arange(tests), "method": method, "n": n, **found[method],
+    tested = np.isfinite(found[methods[0]]["r"])
+    detectable = [min_detectable_r(int(k)) for k in distinct_x]
+    return pl.concat([pl.DataFrame({"test": np.arange(tests), "method": method, "n": n, "n_effective": distinct_x,
+                                    "min_detectable_r": detectable, **found[method],
                                     "p_test": [drawn[method] if t else None for t in tested], "reason": reasons,
-                                    "note": notes},
-                                   schema_overrides={"n": pl.Int64, "p_test": pl.String, "reason": pl.String,
-                                                     "note": pl.String})
-                      for method in METHODS])
+                                    "note": notes, "flags": test_flags(found[method]["r"], distinct_x, distinct_y,
+                                                                       notes, n)},
+                                   schema_overrides={"n": pl.Int64, "n_effective": pl.Int64, "p_test": pl.String,
+                                                     "reason": pl.String, "note": pl.String, "flags": pl.String})
+                      for method in methods])
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
 
-def _correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, seed: int, resamples: int,
-               permutations: int) -> pl.DataFrame:
-    """Every (x variable, y variable) pair's tests, over the units both have a value for."""
+def correlate(xs: pl.DataFrame, ys: pl.DataFrame, analysis: str, units: str, seed: int, resamples: int,
+              permutations: int, kind: str = EXPLORATORY, methods: tuple[str, ...] = METHODS,
+              same_name: bool = False, min_distinct: int = MIN_DISTINCT) -> pl.DataFrame:
+    """Every (x variable, y variable) pair's tests (only those with x == y when `same_name`), over the units both
+    have a value for, in the families `analysis|view|method`; `kind` ("primary" or "exploratory") goes to the
+    `analysis` column."""
     # kept in a fixed order throughout: the order of tests decides how the bootstrap is chunked, and so the last
     # bits of its sums (the same config must give the same table)
     pairs = xs.join(ys, on="unit", suffix="_y", maintain_order="left_right").sort("unit", maintain_order=True)
+    if same_name:
+        pairs = pairs.filter(pl.col("x") == pl.col("y"))
     tests = pairs.group_by(*X_KEYS, *Y_KEYS, maintain_order=True).agg(
         pl.col("value").alias("xv"), pl.col("value_y").alias("yv"), pl.len().alias("size"))
     frames = []
     for (size,), block in tests.partition_by("size", as_dict=True).items():
         x = block["xv"].list.to_array(size).to_numpy().reshape(-1, size)
         y = block["yv"].list.to_array(size).to_numpy().reshape(-1, size)
-        found = correlate_block(x, y, units, seed, resamples, permutations).with_columns(
+        found = correlate_block(x, y, units, seed, resamples, permutations, methods, min_distinct).with_columns(
             pl.col("test").cast(pl.UInt32))
         frames.append(block.drop("xv", "yv", "size").with_row_index("test").join(found, on="test").drop("test"))
     if not frames:
         return pl.DataFrame(schema=SCHEMA)
     family = pl.concat_str(pl.lit(analysis), pl.col("view").fill_null("global"), "method", separator="|")
-    return pl.concat(frames).with_columns(family.alias("family"), pl.lit(None, pl.Float64).alias("q"))
+    few = pl.col("reason").str.starts_with("x takes") & pl.col("x_kind").is_not_null()
+    reason = pl.when(few).then(pl.concat_str("reason", pl.lit(": "), pl.col("x_kind").str.replace_all("_", "-"),
+                                             pl.lit(" feature"))).otherwise("reason")
+    return pl.concat(frames).with_columns(family.alias("family"), pl.lit(None, pl.Float64).alias("q"),
+                                          pl.lit(kind).alias("analysis"), pl.lit(units).alias("unit"),
+                                          reason.alias("reason"))
 
 
 def with_q(frame: pl.DataFrame) -> pl.DataFrame:
@@ -402,23 +462,27 @@ def with_q(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def correlations(tables: Mapping[str, pl.DataFrame | None], seed: int = 0, resamples: int = RESAMPLES,
-                 permutations: int = PERMUTATIONS) -> pl.DataFrame:
+                 permutations: int = PERMUTATIONS, min_distinct: int = MIN_DISTINCT) -> pl.DataFrame:
     """correlations.parquet rows from the run's tables (any of behavior, probes, similarity, outcomes may be
-    missing: its analysis is then skipped)."""
-    frames = []
+    missing: its analyses are then skipped): the primary analyses (reports.primary) first, then the exploratory
+    sweep below, whose tests need `min_distinct` distinct x values to report an r."""
+    from reports.primary import primary_tests  # here, not at the top: reports.primary builds on this module
+
+    frames = [primary_tests(tables, seed, resamples, permutations)]
+    sweep = dict(seed=seed, resamples=resamples, permutations=permutations, min_distinct=min_distinct)
     if tables.get("probes") is not None and tables.get("behavior") is not None:
-        frames.append(_correlate(competence_variables(tables["probes"]), behavior_variables(tables["behavior"]),
-                                 "competence~behavior", "models", seed, resamples, permutations))
+        frames.append(correlate(competence_variables(tables["probes"]), behavior_variables(tables["behavior"]),
+                                "competence~behavior", "models", **sweep))
     if tables.get("similarity") is not None and tables.get("outcomes") is not None:
         xs = selector_variables(tables["similarity"], tables["outcomes"])
         ys = outcome_variables(tables["outcomes"])
-        frames.append(_correlate(xs.filter(pl.col("view").is_null()), ys, "selector~outcome", "merges", seed,
-                                 resamples, permutations))
-        frames.append(_correlate(xs.filter(pl.col("view") == "per_layer"), ys.filter(pl.col("y_level") == "group"),
-                                 "selector~outcome", "merges", seed, resamples, permutations))
-    frame = pl.concat([f.select(*SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=SCHEMA)
-    return with_q(frame.cast(SCHEMA)).sort("family", "x_kind", "x", "y_kind", "y", "y_metric", "view", "layer",
-                                           "method", nulls_last=True)
+        frames.append(correlate(xs.filter(pl.col("view").is_null()), ys, "selector~outcome", "merges", **sweep))
+        frames.append(correlate(xs.filter(pl.col("view") == "per_layer"), ys.filter(pl.col("y_level") == "group"),
+                                "selector~outcome", "merges", **sweep))
+    frames = [f.select(*SCHEMA) for f in frames if not f.is_empty()]
+    frame = pl.concat(frames) if frames else pl.DataFrame(schema=SCHEMA)
+    return with_q(frame.cast(SCHEMA)).sort("analysis", "family", "x_kind", "x", "y_kind", "y", "y_metric", "view",
+                                           "layer", "method", nulls_last=True, descending=[True] + [False] * 9)
 
 
 INPUT_TABLES = ("behavior", "probes", "similarity", "outcomes")
@@ -429,7 +493,10 @@ def correlate_run(tables_dir: Path, seed: int = 0, resamples: int = RESAMPLES, p
     """Read the run's tables from `tables_dir`, write correlations.parquet beside them; with a `cache_dir`, only
     when the input tables' content, the settings or this code changed since it was last written."""
     inputs = [p for p in (Path(tables_dir) / f"{name}.parquet" for name in INPUT_TABLES) if p.is_file()]
-    key = cache_key("correlations", code_version(__file__, paired.__file__), content_digest(inputs), seed, resamples,
+    from reports import power, primary  # reports.primary builds on this module
+
+    key = cache_key("correlations", code_version(__file__, paired.__file__, primary.__file__, power.__file__),
+                    content_digest(inputs), seed, resamples,
                     permutations)
     target = Path(tables_dir) / "correlations.parquet"
 
