@@ -71,7 +71,7 @@ def paired_frame(rows: list[dict], keys: dict[str, pl.DataType]) -> pl.DataFrame
     return pl.DataFrame(rows, schema=schema)
 
 
-def _mean_difference(merge: np.ndarray, parent: np.ndarray) -> Difference:
+def mean_difference(merge: np.ndarray, parent: np.ndarray) -> Difference:
     delta = merge - parent
     return lambda counts: counts @ delta / counts.sum(-1)
 
@@ -93,7 +93,7 @@ def behavior_paired_tests(items: pl.DataFrame, lineages: Sequence[MergeLineage],
         both = by_model[(merge,)].join(by_model[(parent,)], on=[*keys, "item"], suffix="_parent").filter(
             pl.col("value").is_not_null() & pl.col("value_parent").is_not_null()).sort("item")
         for key, block in both.partition_by(keys, as_dict=True).items():
-            found = paired_bootstrap([_mean_difference(block["value"].to_numpy(), block["value_parent"].to_numpy())],
+            found = paired_bootstrap([mean_difference(block["value"].to_numpy(), block["value_parent"].to_numpy())],
                                      [block.height], seed, resamples)
             rows.append({"model": merge, "parent": parent, **dict(zip(keys, key)), **found})
     return paired_frame(rows, {"task": pl.String, "level": pl.String, "metric": pl.String})

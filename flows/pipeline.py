@@ -210,6 +210,14 @@ def correlations_task(run: RunDir, config: ExperimentConfig) -> Path:
     return correlate_run(run.tables, seed=config.seed, cache_dir=run.cache)
 
 
+@task(name="changes", cache_policy=NO_CACHE)
+def changes_task(run: RunDir, config: ExperimentConfig) -> Path:
+    """changes.parquet: where every model differs from base, and every merge from its parents (reports.changes)."""
+    from reports.changes import changes_run
+
+    return changes_run(run.tables, config.base, seed=config.seed, cache_dir=run.cache)
+
+
 def behavior_settings(config: ExperimentConfig):
     from evaluation.behavior import BehaviorSettings
 
@@ -326,6 +334,7 @@ def run_study(config: ExperimentConfig, run: RunDir) -> list[Failure]:
         functional_similarity_task({name: model_dirs[name] for name in behavior}, run, config)
     failures_task(failures, run)
     correlations_task(run, config)
+    changes_task(run, config)
     report_task(run)
     artifacts_task(config, run, failures)
     return failures

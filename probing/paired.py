@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from merging.merge import MergeLineage
 
 
-def _probe_score(items: pl.DataFrame, regression: bool) -> Callable[[np.ndarray], np.ndarray]:
-    """counts [B, n] -> [B] layer-mean headline score of one model's test predictions on one task, with items in
-    the frame's item order (probing.probes computes the same score without counts)."""
+def probe_score(items: pl.DataFrame, regression: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """counts [B, n] -> [B] layer-mean headline score of one model's test predictions on one task (over the layers
+    the frame holds), with items in item_id order (probing.probes computes the same score without counts)."""
     wide = items.pivot(on="layer", index="item_id", values="prediction", sort_columns=True).sort("item_id")
     labels = items.group_by("item_id").agg(pl.col("label").first()).sort("item_id")["label"].to_numpy()
     pred = wide.drop("item_id").to_numpy().T  # [L, n]
@@ -57,7 +57,7 @@ def probe_paired_tests(probe_items: pl.DataFrame, probes: pl.DataFrame, lineages
             ours, theirs = (f.join(common, on="item_id", how="semi") for f in (ours, theirs))
             if common.height == 0:
                 continue
-            score_m, score_p = (_probe_score(f, tasks[task]["regression"]) for f in (ours, theirs))
+            score_m, score_p = (probe_score(f, tasks[task]["regression"]) for f in (ours, theirs))
             per_task[task] = (lambda c, m=score_m, p=score_p: m(c) - p(c)), common.height
             rows.append({"model": merge, "parent": parent, "task": task, "level": "task",
                          **paired_bootstrap([per_task[task][0]], [common.height], seed, resamples)})

@@ -1,15 +1,23 @@
 """The report's findings summary: what a researcher wants first, computed from the tables (pure functions).
 
+In page order: the known answer (reports.known), the primary analyses (reports.primary: each with its unit, n and
+the smallest |r| it detects at 80% power; only unflagged significant tests headline), what changed for every model
+(reports.changes), then the rest:
 - the best merge per view (behaviour, internals): highest mean normalized score over its task comparisons
   (MergeBench: merged score / the expert parent's score, 1 = expert level), with its relation counts; gap closed
   is summarised by its median, since parents that score alike make its denominator tiny and its mean explode;
 - how many merge-vs-parent comparisons the data resolves (the merge above or below both parents, beyond noise);
-- the strongest correlations surviving Benjamini–Hochberg FDR (q < 0.05), and what did not.
+- the strongest exploratory correlations surviving Benjamini–Hochberg FDR (q < 0.05) within their own families,
+  and what did not.
 """
 
 from __future__ import annotations
 
 import polars as pl
+
+from reports.changes import BANDS
+from reports.power import min_detectable_r
+from reports.primary import ANALYSES
 
 SIGNIFICANT = 0.05
 TOP_CORRELATIONS = 10
@@ -73,15 +81,74 @@ def _significant() -> pl.Expr:
     return (pl.col("r").is_finite() & pl.col("q").is_finite() & (pl.col("q") < SIGNIFICANT)).fill_null(False)
 
 
+def _analysis(correlations: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """The tests of one kind of analysis (a table without the column predates primary analyses: all exploratory)."""
+    if "analysis" not in correlations.columns:
+        return correlations if kind == "exploratory" else correlations.clear()
+    return correlations.filter(pl.col("analysis") == kind)
+
+
 def significant_correlations(correlations: pl.DataFrame, limit: int = TOP_CORRELATIONS) -> list[dict]:
-    """The strongest |r| among tests with q < 0.05 (NaN q never counts as significant)."""
-    found = correlations.filter(_significant())
+    """The strongest |r| among exploratory tests with q < 0.05 (NaN q never counts as significant)."""
+    found = _analysis(correlations, "exploratory").filter(_significant())
     return found.sort(pl.col("r").abs(), descending=True).head(limit).to_dicts()
 
 
+def _headline() -> pl.Expr:
+    """Significant, and none of the flags that make an r unfit to lead (|r| = 1, ties, one unit deciding)."""
+    return _significant() & pl.col("flags").is_null()
+
+
+def primary_summary(correlations: pl.DataFrame, limit: int = TOP_CORRELATIONS) -> list[dict]:
+    """Per declared primary analysis: its question, unit and test; how many tests it ran and over how many units;
+    the smallest |r| detectable at 80% power at its largest effective n; what is significant (headline: no
+    flags), and why tests reported no r."""
+    if "analysis" not in correlations.columns:
+        return []
+    primary = _analysis(correlations, "primary")
+    found = []
+    for analysis in ANALYSES:
+        rows = primary.filter(pl.col("family").str.starts_with(analysis.family + "|"))
+        defined = rows.filter(pl.col("r").is_finite().fill_null(False))
+        effective = defined["n_effective"].max() if defined.height else None
+        found.append({
+            "name": analysis.name, "question": analysis.question, "unit": analysis.unit, "test": analysis.test,
+            "tests": rows.height, "defined": defined.height,
+            "n_min": rows["n"].min() if rows.height else None, "n_max": rows["n"].max() if rows.height else None,
+            "n_effective": effective, "detectable": min_detectable_r(effective),
+            "significant": defined.filter(_significant()).height,
+            "headline": defined.filter(_headline()).sort(pl.col("r").abs(), descending=True).head(limit).to_dicts(),
+            "flagged": defined.filter(_significant() & pl.col("flags").is_not_null()).sort(
+                pl.col("r").abs(), descending=True).head(limit).to_dicts(),
+            "reasons": rows.filter(~pl.col("r").is_finite().fill_null(False))["reason"].drop_nulls().unique()
+            .sort().head(3).to_list()})
+    return found
+
+
+def what_changed(changes: pl.DataFrame) -> list[dict]:
+    """Per model (and reference): its significant differences (q < 0.05 over the model's tests), phenomena first,
+    each inside test with the bands where it shows; and how many tests it had."""
+    band_rank = {b: i for i, b in enumerate(BANDS)}
+    found = []
+    for (model, reference, comparison), rows in changes.group_by("model", "reference", "comparison",
+                                                                 maintain_order=True):
+        hits = rows.filter(pl.col("significant").fill_null(False)).with_columns(
+            pl.col("band").replace_strict(band_rank, default=-1, return_dtype=pl.Int64).alias("rank"))
+        grouped = hits.sort("rank").group_by("side", "level", "task", maintain_order=True).agg(
+            pl.col("band").drop_nulls(), pl.col("layers").drop_nulls(), pl.col("diff").first(),
+            pl.col("ci_low").first(), pl.col("ci_high").first(), pl.col("q").first(), pl.col("n_items").first())
+        ordered = grouped.sort(pl.col("level") != "phenomenon", "side", pl.col("diff").abs(),
+                               descending=[False, False, True])
+        found.append({"model": model, "reference": reference, "comparison": comparison, "tests": rows.height,
+                      "differences": ordered.to_dicts(),
+                      "phenomena": sorted(set(hits.filter(pl.col("level") == "phenomenon")["task"]))})
+    order = {"base": 0, "parent": 1}
+    return sorted(found, key=lambda r: (order.get(r["comparison"], 2), r["model"], r["reference"]))
+
+
 def correlation_tally(correlations: pl.DataFrame) -> list[dict]:
-    """Per family: tests run, significant (q < 0.05), not significant, undefined (NaN r) and why."""
-    frame = correlations
+    """Per exploratory family: tests run, significant (q < 0.05), not significant, undefined (NaN r) and why."""
+    frame = _analysis(correlations, "exploratory")
     if "family" not in frame.columns:
         frame = frame.with_columns(pl.col("method").alias("family"))
     reason = pl.col("reason") if "reason" in frame.columns else pl.lit(None, pl.String)

@@ -22,20 +22,22 @@ from jinja2 import Environment, PackageLoader
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
-from reports import figures, findings
+from reports import changes as changes_module
+from reports import figures, findings, known, power, primary
 from runstore.atomic import atomic_path, is_temp_name
 from runstore.cache import cache_key, cached_outputs, code_version, content_digest
 from runstore.errors import UserError
 from runstore.tables import read_table
 
 TEMPLATE = "plotly_white"
-TABLES = ("behavior", "probes", "similarity", "outcomes", "correlations")
+TABLES = ("behavior", "probes", "similarity", "outcomes", "correlations", "changes")
 TABLE_ROLES = {
     "behavior": "behaviour scores (lm-eval)",
     "probes": "layerwise probe scores",
     "similarity": "weight and functional similarity between models",
     "outcomes": "merge vs parents",
     "correlations": "correlation stage",
+    "changes": "what changed: every model against base, every merge against its parents",
 }
 
 
@@ -228,7 +230,11 @@ def render(run: RunTables) -> str:
     config, config_text = read_config(run.root)
     order = model_order(config, run)
     charts, lacking = build_charts(run, order)
-    outcomes, correlations = run.get("outcomes"), run.get("correlations")
+    outcomes, correlations, changes = run.get("outcomes"), run.get("correlations"), run.get("changes")
+    probes = run.get("probes")
+    phenomenon_of = {} if probes is None else dict(probes.select("task", "phenomenon").unique().iter_rows())
+    answers = [known.known_answer(effect, changes, correlations, outcomes, phenomenon_of)
+               for effect in known.known_effects(config)]
     environment = Environment(loader=PackageLoader("reports", "templates"), autoescape=True,
                               trim_blocks=True, lstrip_blocks=True)
     environment.filters["num"] = number
@@ -240,6 +246,9 @@ def render(run: RunTables) -> str:
         ranking=findings.merge_ranking(outcomes) if outcomes is not None else {},
         resolved=findings.resolved_comparisons(outcomes) if outcomes is not None else [],
         significant=findings.significant_correlations(correlations) if correlations is not None else [],
+        known_answers=answers, primary=findings.primary_summary(correlations) if correlations is not None else [],
+        changed=findings.what_changed(changes) if changes is not None else [], bands=changes_module.BANDS,
+        min_distinct=power.MIN_DISTINCT, power=power.POWER,
         tally=findings.correlation_tally(correlations) if correlations is not None else [],
         kind_labels=findings.KIND_LABELS, alpha=findings.SIGNIFICANT,
         provenance=provenance, config_text=config_text, config_broken=config_text is not None and config is None,
@@ -267,7 +276,9 @@ def write_report(run_dir: Path, cache_dir: Path | None = None) -> Path:
             temp.write_text(render(run), encoding="utf-8")
 
     here = Path(__file__).parent
-    key = cache_key("report", code_version(__file__, figures.__file__, findings.__file__, here / "templates"),
+    key = cache_key("report", code_version(__file__, figures.__file__, findings.__file__, known.__file__,
+                                           primary.__file__, power.__file__, changes_module.__file__,
+                                           here / "templates"),
                     content_digest(report_inputs(root), root=root))
     cached_outputs(cache_dir, "report", key, [target], make)
     return target

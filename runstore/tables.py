@@ -24,6 +24,8 @@ CONTRACT_COLUMNS: dict[str, tuple[str, ...]] = {
     "behavior_items": ("model", "task", "doc_id", "metric", "value"),
     "probe_items": ("model", "task", "layer", "item_id", "label", "prediction"),
     "failures": ("model", "stage", "reason"),
+    "changes": ("model", "reference", "comparison", "side", "band", "level", "task", "diff", "ci_low", "ci_high",
+                "p", "q", "n_items"),
 }
 
 
