@@ -57,7 +57,7 @@ def _parent_resolved(side: str) -> pl.Expr:
 
 
 def resolved_comparisons(outcomes: pl.DataFrame) -> list[dict]:
-    """Per kind: task comparisons in total, resolved (better or worse than both parents), between (placed between
+    """Per kind: task comparisons in total, resolved (better or worse than both parents, or between
     them by the tests), unresolved (the tests cannot tell the merge from a parent), undecided (a score missing);
     and, where paired tests ran, the merge-vs-one-parent tests and how many of them resolve a difference."""
     rows = _task_rows(outcomes)
@@ -67,10 +67,11 @@ def resolved_comparisons(outcomes: pl.DataFrame) -> list[dict]:
                  (_parent_resolved("aux") & (pl.col("relation_test") == "paired_bootstrap")).sum())
              .alias("parent_resolved")] if paired and "relation_test" in rows.columns else []
     counts = rows.group_by("kind").agg(
-        pl.len().alias("total"), pl.col("relation").is_in(["better", "worse"]).sum().alias("resolved"),
+        pl.len().alias("total"), pl.col("relation").is_in(["better", "worse", "between"]).sum().alias("resolved"),
         (pl.col("relation") == "better").sum().alias("better"), (pl.col("relation") == "worse").sum().alias("worse"),
         (pl.col("relation") == "between").sum().alias("between"),
-        (pl.col("relation") == "unresolved").sum().alias("unresolved"), pl.col("relation").is_null().sum().alias("undecided"),
+        (pl.col("relation") == "unresolved").sum().alias("unresolved"),
+        pl.col("relation").is_null().sum().alias("undecided"),
         *tests)
     order = {k: i for i, k in enumerate(_kinds(counts))}
     return sorted(counts.to_dicts(), key=lambda r: order[r["kind"]])

@@ -52,10 +52,11 @@ def _raw_result(scores: dict[str, float]) -> dict:
             "n-samples": {name: {"effective": 200} for name in ("skill_math", "skill_code", "language")}}
 
 
-def _probes(models: list[str]) -> pl.DataFrame:
+def _probes(models: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """probes and probe_items rows."""
     from probing.stage import load_tasks, probe_task
 
-    frames = []
+    frames, items = [], []
     for i, model in enumerate(models):
         for task in load_tasks("bundled", TASKS):
             rng = np.random.default_rng(i)
@@ -63,9 +64,10 @@ def _probes(models: list[str]) -> pl.DataFrame:
             signal = np.asarray(task.labels, dtype=np.float32).reshape(n, 1)
             layers = [signal * (0.3 + 0.3 * layer + 0.1 * i) + rng.normal(size=(n, 6)).astype(np.float32)
                       for layer in range(LAYERS)]
-            rows = probe_task(torch.from_numpy(np.stack(layers)), task, seeds=[0], controls=True, mdl=False).rows
-            frames.append(rows.with_columns(pl.lit(model).alias("model")))
-    return pl.concat(frames, how="diagonal_relaxed")
+            found = probe_task(torch.from_numpy(np.stack(layers)), task, seeds=[0], controls=True, mdl=False)
+            frames.append(found.rows.with_columns(pl.lit(model).alias("model")))
+            items.append(found.items.with_columns(pl.lit(model).alias("model")))
+    return pl.concat(frames, how="diagonal_relaxed"), pl.concat(items)
 
 
 def _correlations(behavior: pl.DataFrame, probes: pl.DataFrame) -> pl.DataFrame:
@@ -117,6 +119,7 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
     from merging.merge import MergeLineage
     from probing.similarity.weights import weight_features
     from probing.stage import internals_scores
+    from reports.changes import changes
     from runstore.tables import write_table
 
     lineages = [MergeLineage("a+b/linear", "linear", ("a", "b"), None, {"weight": 0.5}),
@@ -129,7 +132,7 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
     skills = {"base": (0.30, 0.30, 0.50), "a": (0.70, 0.35, 0.55), "b": (0.32, 0.66, 0.60),
               "a+b/linear": (0.55, 0.52, 0.65), XSS: (0.74, 0.20, 0.70)}
     behavior = pl.concat([tidy(_raw_result(dict(zip(("math", "code", "lang"), skills[m]))), m) for m in models])
-    probes = _probes(models)
+    probes, probe_items = _probes(models)
     weights = weight_features({m: paths[m] for m in models}, "base", {m.model: m.parents for m in lineages})
     functional = pl.DataFrame(
         [{"model_a": a, "model_b": b, "feature": "cka", "scope": "layer", "layer": layer, "module": None,
@@ -140,11 +143,13 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
                           compute_outcomes(internals_scores(probes), lineages, "internals")], how="diagonal_relaxed")
     tables = root / "tables"
     for name, frame in (("behavior", behavior), ("probes", probes), ("similarity", pl.concat([weights, functional])),
-                        ("outcomes", outcomes), ("correlations", _correlations(behavior, probes))):
+                        ("outcomes", outcomes), ("correlations", _correlations(behavior, probes)),
+                        ("changes", changes({"probes": probes, "probe_items": probe_items, "outcomes": outcomes},
+                                            "base", resamples=200))):
         write_table(tables, name, frame)
     config = {"name": "report-test", "description": f"a run whose names hold markup: {XSS} & <b>bold</b>",
               "seed": 3, "models": [{"name": m, "source": str(tiny_family[m])} for m in ("base", "a", "b")],
-              "base": "base",
+              "base": "base", "known_effects": [{"model": "b", "tasks": ["noun_number"], "direction": "worse"}],
               "_provenance": {"config_file": "tiny.yaml", "code_revision": "0123abc", "versions": {"polars": "2.1.0"},
                               "seeds": {"global": 3, "probing": [0]}}}
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

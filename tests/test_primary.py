@@ -169,5 +169,6 @@ def test_dose_response_over_a_weight_sweep():
 
 def test_smallest_detectable_r_is_fisher_z():
     assert math.isnan(min_detectable_r(3))
-    assert min_detectable_r(10) == pytest.approx(math.tanh((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / math.sqrt(7)))
+    z = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) / math.sqrt(10 - 3)
+    assert min_detectable_r(10) == pytest.approx(math.tanh(z))
     assert min_detectable_r(10) > min_detectable_r(30) > min_detectable_r(100)

@@ -94,7 +94,8 @@ def test_findings_match_a_hand_computation(report_run):
     for kind in by_kind:
         relations = [r["relation"] for r in tasks if r["kind"] == kind]
         assert resolved[kind]["total"] == len(relations)
-        assert resolved[kind]["resolved"] == relations.count("better") + relations.count("worse")
+        assert resolved[kind]["resolved"] == sum(relations.count(r) for r in ("better", "worse", "between"))
+        assert resolved[kind]["unresolved"] == relations.count("unresolved")
 
     correlations = pl.read_parquet(report_run / "tables" / "correlations.parquet")
     significant = findings.significant_correlations(correlations, limit=1000)
@@ -106,6 +107,21 @@ def test_findings_match_a_hand_computation(report_run):
     assert nan_family["undefined"] == 1 and nan_family["reasons"] == ["x is constant"]
     assert sum(r["tests"] for r in tally.values()) == correlations.height
     assert sum(r["significant"] + r["not_significant"] + r["undefined"] for r in tally.values()) == correlations.height
+
+
+def test_findings_open_with_the_known_answer_then_primary_then_what_changed(report_run):
+    """The config declares b worse than base on noun_number: the known answer leads, from the changes table that
+    tests every model alike; then the primary analyses, what changed, and the exploratory rest."""
+    html = write_report(report_run).read_text()
+    order = [html.index(f'id="{anchor}"') for anchor in ("known-answer", "primary", "what-changed")]
+    order.append(html.index("Best merge per view"))
+    order.append(html.index("Exploratory correlations"))
+    assert order == sorted(order)
+    known = html[order[0]:order[1]]
+    assert "b: declared worse than base on noun_number" in known and "False positives:" in known
+    changed = pl.read_parquet(report_run / "tables" / "changes.parquet")
+    assert set(changed.filter(pl.col("comparison") == "base")["model"]) == {"a", "b", "a+b/linear", XSS}
+    assert html[order[2]:order[3]].count("vs base (base)") == 4
 
 
 def test_missing_and_empty_tables_are_reported_not_fatal(run_copy):
