@@ -23,7 +23,7 @@ from runstore.tables import read_table
 
 HEADLINE_CORRELATIONS = 5
 RANKING_COLUMNS = ("kind", "model", "method", "normalized", "gap_closed", "merge_gain", "better", "between", "worse",
-                   "comparisons")
+                   "unresolved", "comparisons")
 
 
 def _cell(value):
@@ -65,15 +65,16 @@ def summary_markdown(config: ExperimentConfig, run: RunDir, failures: list[Failu
                   f"{row['comparisons']} comparisons)" for kind, row in sorted(best.items())]
     else:
         lines.append("No merge outcomes in this run.")
-    lines += ["", f"## Headline correlations (q < {findings.SIGNIFICANT})", ""]
-    significant = findings.significant_correlations(correlations, HEADLINE_CORRELATIONS) \
+    lines += ["", f"## Headline correlations (primary analyses, q < {findings.SIGNIFICANT}, unflagged)", ""]
+    significant = findings.headline_correlations(correlations, HEADLINE_CORRELATIONS) \
         if correlations is not None and not correlations.is_empty() else []
     if significant:
         lines += ["| x | y | method | n | r | q |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['x']} | {r['y']} | {r['method']} | {r['n']} | {_number(r['r'])} | {_number(r['q'], 4)} |"
                   for r in significant]
     else:
-        lines.append("None survives the Benjamini–Hochberg correction (or the correlation table is missing).")
+        lines.append("No primary test survives the Benjamini–Hochberg correction unflagged (or the correlation table "
+                     "is missing).")
     return "\n".join(lines) + "\n"
 
 

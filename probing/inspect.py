@@ -24,19 +24,29 @@ def sparkline(values: list[float], low: float = 0.0, high: float = 1.0) -> str:
 
 
 def curves(probes: pl.DataFrame) -> pl.DataFrame:
-    """Per (model, task, layer): headline metric mean over seeds, control mean, selectivity mean."""
+    """Per (model, task, layer): headline metric mean over seeds, control mean, selectivity mean, and the dev score
+    mean (`dev`, null where probes recorded none)."""
     headline = probes.filter(pl.col("metric").is_in(["macro_f1", "pearson"]))
-    return headline.group_by("model", "task", "metric", "layer").agg(
+    dev = pl.col("dev_value") if "dev_value" in headline.columns else pl.lit(None, pl.Float64)
+    return headline.with_columns(dev.alias("dev")).group_by("model", "task", "metric", "layer").agg(
         pl.col("value").mean(), pl.col("control_value").mean(), pl.col("selectivity").mean(),
-        pl.col("stderr").mean()).sort("model", "task", "layer")
+        pl.col("stderr").mean(), pl.col("dev").mean()).sort("model", "task", "layer")
+
+
+def best_layer() -> pl.Expr:
+    """Within one curve's layers: the index of the best layer, chosen on dev where the probes recorded dev scores
+    (so its test score is not selected on itself), else on test (optimistic: older runs)."""
+    return pl.when(pl.col("dev").is_not_null().any()).then(pl.col("dev").fill_null(-float("inf")).arg_max()) \
+        .otherwise(pl.col("value").arg_max())
 
 
 def summary(curve: pl.DataFrame) -> pl.DataFrame:
-    """Per (model, task): best layer and its score, last-layer score, selectivity at both, the curve itself."""
+    """Per (model, task): best layer (chosen on dev) and its test score, last-layer score, selectivity at both, the
+    curve itself."""
     return curve.group_by("model", "task", "metric", maintain_order=True).agg(
-        pl.col("layer").get(pl.col("value").arg_max()).alias("best_layer"),
-        pl.col("value").max().alias("best"),
-        pl.col("selectivity").get(pl.col("value").arg_max()).alias("best_selectivity"),
+        pl.col("layer").get(best_layer()).alias("best_layer"),
+        pl.col("value").get(best_layer()).alias("best"),
+        pl.col("selectivity").get(best_layer()).alias("best_selectivity"),
         pl.col("value").last().alias("last"), pl.col("selectivity").last().alias("last_selectivity"),
         pl.col("value").alias("curve"))
 

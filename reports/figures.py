@@ -20,7 +20,7 @@ from markupsafe import Markup
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from probing.inspect import curves
+from probing.inspect import best_layer, curves
 from reports.findings import KIND_LABELS, SIGNIFICANT
 
 RELATION_COLORS = {"better": "#2ca02c", "between": "#7f9fbf", "worse": "#d62728", "unresolved": "#d0d0d0",
@@ -207,7 +207,7 @@ def probe_views(probes: pl.DataFrame) -> pl.DataFrame:
     """Per (model, task, phenomenon): headline probe score at the best layer, at the last layer, and layer mean."""
     phenomena = probes.select("task", "phenomenon").unique()
     return (curves(probes).sort("layer").group_by("model", "task").agg(
-        pl.col("value").max().alias("best layer"), pl.col("value").last().alias("last layer"),
+        pl.col("value").get(best_layer()).alias("best layer"), pl.col("value").last().alias("last layer"),
         pl.col("value").mean().alias("mean over layers")).join(phenomena, on="task"))
 
 
@@ -233,7 +233,8 @@ def competence_chart(probes: pl.DataFrame | None, order: list[str]) -> Chart | N
         labels.append(view)
     return Chart("competence", "Competence per phenomenon", figures, [Choice("view", _options(labels))],
                  note="Headline probe metric (macro-F1; Pearson r for regression), mean over seeds and over the "
-                      "phenomenon's tasks. The best layer is chosen on the test split, so it is optimistic.")
+                      "phenomenon's tasks. The best layer is chosen on the probes' dev split and scored on test "
+                      "(on test, optimistic, only for runs whose probes recorded no dev scores).")
 
 
 def _inspector_figure(task_rows: pl.DataFrame, models: list[str], colors: dict[str, str]) -> go.Figure:
@@ -262,7 +263,8 @@ def _inspector_figure(task_rows: pl.DataFrame, models: list[str], colors: dict[s
             fig.add_trace(go.Scatter(x=layer, y=_array(rows["selectivity"].fill_null(np.nan)), mode="lines",
                                      showlegend=False, hovertemplate=f"{model} selectivity L%{{x}}: %{{y:.3f}}"
                                                                      "<extra></extra>", **common), row=2, col=1)
-        best = int(np.nanargmax(value))
+        dev = _array(rows["dev"].fill_null(np.nan)) if "dev" in rows.columns else np.full(len(value), np.nan)
+        best = int(np.nanargmax(dev)) if np.isfinite(dev).any() else int(np.nanargmax(value))
         fig.add_trace(go.Scatter(
             x=[layer[best], layer[-1]], y=[value[best], value[-1]], mode="markers", showlegend=False,
             legendgroup=model, marker=dict(color=color, size=[12, 9], symbol=["star", "square"],
@@ -295,7 +297,7 @@ def inspector_chart(probes: pl.DataFrame | None, order: list[str]) -> Chart | No
     options = _options(tasks["task"].to_list(), tasks["phenomenon"].to_list())
     return Chart("inspector", "Per-layer probe inspection", figures, [Choice("task", options)],
                  note="Mean over probe seeds; the band is ±1 bootstrap stderr over test items. Star: best layer "
-                      "(chosen on test: optimistic); square: last layer (the seed paper's view). Click a legend "
+                      "(chosen on dev, scored on test); square: last layer (the seed paper's view). Click a legend "
                       "entry to hide a model, double-click to show only it.")
 
 

@@ -100,6 +100,14 @@ def _headline() -> pl.Expr:
     return _significant() & pl.col("flags").is_null()
 
 
+def headline_correlations(correlations: pl.DataFrame, limit: int = TOP_CORRELATIONS) -> list[dict]:
+    """What may lead a summary: the strongest significant, unflagged tests of the primary analyses."""
+    if "analysis" not in correlations.columns:
+        return []
+    found = _analysis(correlations, "primary").filter(_headline())
+    return found.sort(pl.col("r").abs(), descending=True).head(limit).to_dicts()
+
+
 def primary_summary(correlations: pl.DataFrame, limit: int = TOP_CORRELATIONS) -> list[dict]:
     """Per declared primary analysis: its question, unit and test; how many tests it ran and over how many units;
     the smallest |r| detectable at 80% power at its largest effective n; what is significant (headline: no

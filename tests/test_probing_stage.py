@@ -81,7 +81,7 @@ def test_internals_outcomes_per_task_and_phenomenon(tiny_probes):
     lineage = MergeLineage(model="b", method="linear", parents=("base", "a"), base="base", parameters={})
     outcomes = compute_outcomes(scores, [lineage], kind="internals")
     assert set(outcomes["kind"]) == {"internals"} and outcomes.height == scores["task"].n_unique()
-    assert set(outcomes["relation"].drop_nulls()) <= {"better", "between", "worse"}
+    assert set(outcomes["relation"].drop_nulls()) <= {"better", "between", "worse", "unresolved"}
 
 
 def test_cli_probes_lists_and_shows_curves(tiny_probes, tmp_path, capsys):
