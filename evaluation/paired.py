@@ -55,11 +55,16 @@ def paired_bootstrap(differences: Sequence[Difference], sizes: Sequence[int], se
     counts = stratified_counts(sizes, resamples, np.random.default_rng(seed))
     observed = np.mean([float(f(np.ones((1, n)))[0]) for f, n in zip(differences, sizes)])
     boot = np.mean([f(c) for f, c in zip(differences, counts)], axis=0)
+    return bootstrap_summary(float(observed), boot, int(sum(sizes)))
+
+
+def bootstrap_summary(observed: float, boot: np.ndarray, n_items: int) -> dict[str, float]:
+    """diff, percentile CI, add-one two-sided p and n_items of an observed difference and its resampled values."""
     alpha = (1 - CONFIDENCE) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha])
     far = min(int((boot <= 0).sum()), int((boot >= 0).sum()))
     return {"diff": float(observed), "ci_low": float(low), "ci_high": float(high),
-            "p": min(1.0, 2 * (1 + far) / (resamples + 1)), "n_items": int(sum(sizes))}
+            "p": min(1.0, 2 * (1 + far) / (len(boot) + 1)), "n_items": n_items}
 
 
 def comparisons(lineages: Sequence[MergeLineage]) -> list[tuple[str, str]]:

@@ -5,10 +5,10 @@ Every model is compared with the same code, so a defect nobody declared is found
   difference of the probes' headline score (macro-F1 of the test predictions, Pearson for regression) averaged
   over the band's layers, paired over the test items both models' probes predicted (probing.paired.probe_score);
 - outside, per task and phenomenon: the difference of the mean per-item behaviour score (for a minimal-pair task,
-  whether the good sentence is the likelier one), paired over the items both models answered (behavior_items).
+  whether the good sentence is the likelier one), paired over the items every model answered (behavior_items).
 A phenomenon's difference is the mean of its tasks' differences, resampled within each task (stratified); its
 tasks are the probing tasks of that phenomenon (probes.parquet), found by name among behaviour tasks outside.
-Each difference gets evaluation.paired's bootstrap CI and p; q is Benjamini–Hochberg over all of one model's
+Each difference gets evaluation.paired's percentile CI and add-one p over resamples of the items; q is Benjamini–Hochberg over all of one model's
 tests (every reference, side, band and level), so a model with many tests pays for them.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from evaluation.paired import RESAMPLES, Difference, mean_difference, paired_bootstrap
+from evaluation.paired import RESAMPLES, bootstrap_counts, bootstrap_summary
 from runstore.cache import cache_key, cached_outputs, code_version, content_digest
 from runstore.tables import read_table, write_table
 
@@ -54,20 +54,46 @@ def _phenomena(probes: pl.DataFrame) -> dict[str, list[str]]:
     return {p: info.filter(pl.col("phenomenon") == p)["task"].to_list() for p in sorted(set(info["phenomenon"]))}
 
 
-def _rows(pair: tuple, side: str, band: str | None, layers: str | None, per_task: dict[str, tuple[Difference, int]],
-          phenomena: dict[str, list[str]], seed: int, resamples: int) -> list[dict]:
-    """The tests of one (model, reference, side, band): each task, then each phenomenon whose tasks all have one."""
+# Per task: each model's score on all of the task's common items and on each bootstrap resample of them ([B]).
+# The resamples of a task are drawn once and shared by every model, so a pair's paired difference on a resample is
+# the difference of the two models' resampled scores: each model is scored once per task, not once per pair
+# (33 pairs of the demo would otherwise score each model ~5x over).
+Scores = dict[str, dict[str, tuple[float, np.ndarray]]]  # task -> model -> (score, resampled scores)
+
+
+def _task_counts(tasks: Sequence[str], sizes: dict[str, int], seed: int, resamples: int) -> dict[str, np.ndarray]:
+    """Per task, [resamples, n] item multiplicities from its own stream (strata of a phenomenon are independent)."""
+    return {task: bootstrap_counts(sizes[task], resamples, np.random.default_rng([seed, i]))
+            for i, task in enumerate(tasks) if task in sizes}
+
+
+def _rows(pair: tuple, side: str, band: str | None, layers: str | None, scores: Scores,
+          phenomena: dict[str, list[str]], sizes: dict[str, int]) -> list[dict]:
+    """The tests of one (model, reference, side, band): each task both models have, then each phenomenon whose
+    tasks all have one (the mean of the task differences, each resampled within its task)."""
     model, reference, comparison = pair
     common = {"model": model, "reference": reference, "comparison": comparison, "side": side, "band": band,
               "layers": layers}
-    rows = [{**common, "level": "task", "task": task, **paired_bootstrap([f], [n], seed, resamples)}
-            for task, (f, n) in per_task.items()]
+    diffs = {task: (by_model[model][0] - by_model[reference][0], by_model[model][1] - by_model[reference][1])
+             for task, by_model in scores.items() if model in by_model and reference in by_model}
+    rows = [{**common, "level": "task", "task": task, **bootstrap_summary(observed, boot, sizes[task])}
+            for task, (observed, boot) in diffs.items()]
     for phenomenon, tasks in phenomena.items():
-        members = [t for t in tasks if t in per_task]
+        members = [t for t in tasks if t in diffs]
         if members:
-            rows.append({**common, "level": "phenomenon", "task": phenomenon, **paired_bootstrap(
-                [per_task[t][0] for t in members], [per_task[t][1] for t in members], seed, resamples)})
+            rows.append({**common, "level": "phenomenon", "task": phenomenon, **bootstrap_summary(
+                float(np.mean([diffs[t][0] for t in members])), np.mean([diffs[t][1] for t in members], axis=0),
+                sum(sizes[t] for t in members))})
     return rows
+
+
+def _common_items(frames: dict[str, pl.DataFrame], key: str) -> pl.DataFrame:
+    """The item keys every model's frame holds (models are scored on the same items)."""
+    common = None
+    for frame in frames.values():
+        keys = frame.select(key).unique()
+        common = keys if common is None else common.join(keys, on=key, how="semi")
+    return common.sort(key)
 
 
 def inside_changes(probe_items: pl.DataFrame, probes: pl.DataFrame, pairs: Sequence[tuple], seed: int = 0,
@@ -79,47 +105,54 @@ def inside_changes(probe_items: pl.DataFrame, probes: pl.DataFrame, pairs: Seque
         (pl.col("metric").first() == "pearson")).iter_rows())
     bands = layer_bands(probe_items["layer"].unique().to_list())
     phenomena = _phenomena(probes)
-    by_model_task = probe_items.partition_by("model", "task", as_dict=True)
+    compared = {m for pair in pairs for m in pair[:2]}
+    tasks = sorted(regression)
+    frames = {task: {model: f for (model,), f in block.partition_by("model", as_dict=True).items()
+                     if model in compared}
+              for (task,), block in probe_items.filter(pl.col("task").is_in(tasks)).partition_by(
+                  "task", as_dict=True).items()}
+    common = {task: _common_items(by_model, "item_id") for task, by_model in frames.items() if by_model}
+    sizes = {task: items.height for task, items in common.items() if items.height}
+    counts = _task_counts(tasks, sizes, seed, resamples)
     rows = []
-    for pair in pairs:
-        for band, layers in bands.items():
-            per_task = {}
-            for task in sorted(regression):
-                ours, theirs = by_model_task.get((pair[0], task)), by_model_task.get((pair[1], task))
-                if ours is None or theirs is None:
-                    continue
-                ours, theirs = (f.filter(pl.col("layer").is_in(layers)) for f in (ours, theirs))
-                common = ours.join(theirs, on=["layer", "item_id"], how="semi").select("item_id").unique()
-                if common.height == 0:
-                    continue
-                score_m, score_r = (probe_score(f.join(common, on="item_id", how="semi"), regression[task])
-                                    for f in (ours, theirs))
-                per_task[task] = (lambda c, m=score_m, r=score_r: m(c) - r(c)), common.height
-            rows += _rows(pair, "inside", band, f"{layers[0]}–{layers[-1]}", per_task, phenomena, seed, resamples)
+    for band, layers in bands.items():
+        scores: Scores = {}
+        for task in counts:
+            scores[task] = {}
+            for model, frame in frames[task].items():
+                score = probe_score(frame.filter(pl.col("layer").is_in(layers)).join(common[task], on="item_id",
+                                                                                     how="semi"), regression[task])
+                scores[task][model] = float(score(np.ones((1, sizes[task])))[0]), score(counts[task])
+        for pair in pairs:
+            rows += _rows(pair, "inside", band, f"{layers[0]}–{layers[-1]}", scores, phenomena, sizes)
     return rows
 
 
 def outside_changes(behavior_items: pl.DataFrame, probes: pl.DataFrame | None, pairs: Sequence[tuple],
                     seed: int = 0, resamples: int = RESAMPLES) -> list[dict]:
     """Per pair, task (and phenomenon, for tasks that probes name): the mean item score difference, paired over
-    the items (docs) both models answered; one metric per task (`acc` where the task has it)."""
+    the items (docs) every model answered; one metric per task (`acc` where the task has it)."""
     metric = behavior_items.group_by("task").agg(
         pl.when((pl.col("metric") == "acc").any()).then(pl.lit("acc")).otherwise(pl.col("metric").min())
         .alias("chosen"))
-    items = behavior_items.join(metric, on="task").filter(pl.col("metric") == pl.col("chosen")).select(
-        "model", "task", pl.col("doc_id").cast(pl.String), pl.col("value").cast(pl.Float64))
-    by_model = items.partition_by("model", as_dict=True)
+    compared = {m for pair in pairs for m in pair[:2]}
+    items = behavior_items.join(metric, on="task").filter(
+        (pl.col("metric") == pl.col("chosen")) & pl.col("model").is_in(compared) & pl.col("value").is_not_null()
+    ).select("model", "task", pl.col("doc_id").cast(pl.String), pl.col("value").cast(pl.Float64))
+    frames = {task: {model: f for (model,), f in block.partition_by("model", as_dict=True).items()}
+              for (task,), block in items.partition_by("task", as_dict=True).items()}
+    tasks = sorted(frames)
+    common = {task: _common_items(frames[task], "doc_id") for task in tasks}
+    sizes = {task: found.height for task, found in common.items() if found.height}
+    counts = _task_counts(tasks, sizes, seed, resamples)
+    scores: Scores = {}
+    for task in counts:
+        scores[task] = {}
+        for model, frame in frames[task].items():
+            values = frame.join(common[task], on="doc_id", how="semi").sort("doc_id")["value"].to_numpy()
+            scores[task][model] = float(values.mean()), counts[task] @ values / counts[task].sum(-1)
     phenomena = _phenomena(probes) if probes is not None else {}
-    rows = []
-    for pair in pairs:
-        if (pair[0],) not in by_model or (pair[1],) not in by_model:
-            continue
-        both = by_model[(pair[0],)].join(by_model[(pair[1],)], on=["task", "doc_id"], suffix="_ref").filter(
-            pl.col("value").is_not_null() & pl.col("value_ref").is_not_null()).sort("task", "doc_id")
-        per_task = {task: (mean_difference(block["value"].to_numpy(), block["value_ref"].to_numpy()), block.height)
-                    for (task,), block in sorted(both.partition_by("task", as_dict=True).items())}
-        rows += _rows(pair, "outside", None, None, per_task, phenomena, seed, resamples)
-    return rows
+    return [row for pair in pairs for row in _rows(pair, "outside", None, None, scores, phenomena, sizes)]
 
 
 def with_model_q(frame: pl.DataFrame) -> pl.DataFrame:

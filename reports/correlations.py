@@ -5,8 +5,8 @@ returns the rows of correlations.parquet. Two analyses, each a set of (x, y) var
 
 - competence × behaviour, across models (units: every model of the run). x = probe competence (headline metric:
   macro-F1, Pearson for regression; mean over seeds) per task and per phenomenon (the mean of its tasks' layer
-  curves), at four views: `best_layer` (each model's own best layer, picked on the test split as `merge-eval
-  probes` shows it: optimistic), `last_layer` (the seed paper's view),
+  curves), at four views: `best_layer` (each model's own best layer, chosen on the probes' dev scores and scored
+  on test; left out for probes without dev scores), `last_layer` (the seed paper's view),
   `layer_mean` (the internals outcome score) and `per_layer` (`layer` set: where in depth competence tracks
   behaviour). y = behaviour per task and group, every metric.
 - selector features × merge outcomes, across merges (units: merges). x = every similarity feature (each source) at
@@ -23,6 +23,12 @@ Each pair gets Pearson, Spearman and Kendall (tau-b) r exactly as scipy.stats co
 within its declared `family` = analysis|view|method (views of one analysis answer different questions; the three
 methods are alternative analyses of the same one, so none is pooled). Units missing either value are dropped
 pairwise. n < 3 or a constant x or y gives NaN with the reason, checked before scipy sees the data (no warnings).
+
+These are the exploratory sweep (`analysis` = exploratory); reports.primary declares the primary analyses, run
+through the same statistics in families of their own. Every test records its effective n (`n_effective`: the
+distinct x values over its units) and the smallest |r| it detects at 80% power there (`min_detectable_r`); below
+`reports.power.MIN_DISTINCT` distinct x values it reports a reason instead of r ("x takes 2 values over 10
+merges: parent-pair feature"). `flags` marks what must never headline: |r| = 1, ties in x or y, one unit deciding.
 
 Why permutation p-values: a run has 5–15 units, and behaviour metrics saturate (8 of 9 models at 1.0), so the
 asymptotic and normal-theory p-values scipy reports are wrong exactly where they matter (r = ±1 at n = 5 gives p = 0).

@@ -61,7 +61,7 @@ def test_bands_are_thirds_and_every_model_is_compared_with_base():
 def test_a_declared_and_an_undeclared_defect_are_reported_alike(changed):
     """Only the model and its defect differ between the two; the code has no notion of which one was declared.
     Nulls are tested at 5% after the per-model correction, so one stray phenomenon per model is within the
-    design's rate (the demo's Done-when allows one); this seed gives planted one (outside syntax, +0.077)."""
+    design's rate (the demo's Done-when allows one)."""
     found = {c["model"]: c for c in what_changed(changed)}
     assert len(found["clean"]["differences"]) <= 1  # no defect
     for model, task, bands in (("planted", "agree", ["late"]), ("other", "gender", ["early", "middle", "late"])):
@@ -80,7 +80,8 @@ def test_the_known_answer_names_what_was_found_and_the_false_positives(changed):
     assert answer["inside"]["found"] and answer["inside"]["first_band"] == "late"
     assert answer["inside"]["strongest"]["layers"] == "8–11"
     assert answer["outside"]["found"]
-    assert answer["false_phenomena"] == ["syntax"] and answer["false_tasks"] == ["tense"]  # the stray one above
+    assert len(answer["false_phenomena"]) <= 1 and "morphology" not in answer["false_phenomena"]
+    assert "agree" not in answer["false_tasks"] and "plural" not in answer["false_tasks"]  # a target's phenomenon
     wrong_way = known_answer(known_effects({"known_effects": [{"model": "planted", "tasks": ["agree"],
                                                                "direction": "better"}]})[0], changed, None, None,
                              PHENOMENA)

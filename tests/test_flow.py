@@ -79,6 +79,9 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tin
     assert set(tables["outcomes"]["relation_test"].drop_nulls()) == {"paired_bootstrap"}
     correlations = pl.read_parquet(run.tables / "correlations.parquet")
     assert {"competence~behavior", "selector~outcome"} <= {f.split("|")[0] for f in correlations["family"]}
+    changes = pl.read_parquet(run.tables / "changes.parquet")  # every model vs base, every merge vs its parents
+    assert set(changes.filter(pl.col("comparison") == "base")["model"]) == models - {"base"}
+    assert set(changes["side"]) == {"inside", "outside"}
     assert (run.root / "report" / "index.html").is_file()
 
     load_counter.clear()
