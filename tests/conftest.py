@@ -116,6 +116,26 @@ def write_minimal_pairs(folder: Path, pairs: int = 12) -> Path:
     return folder
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "holmes"
+LENGTH_WORDS = "the cat sat on a warm mat by the old red door near our quiet home".split()
+
+
+def probe_test_tasks(root: Path, holmes: tuple[str, ...] = ("pos",)) -> list:
+    """Probing tasks of every kind for stage tests: the bundled suite's subject-verb agreement paradigm (its first
+    20 pairs; sentence probe), the real-format Holmes fixtures named in `holmes`, and a regression task (sentence
+    length in words, 24 sentences) written in Holmes's format under `root`."""
+    from evaluation.minimal_pairs import PairSelection
+    from probing.holmes import read_task, write_task
+    from probing.minimal_pair_tasks import BUNDLED_DIR
+    from probing.stage import load_tasks
+
+    selection = PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement",), 20)
+    items = [{"inputs": (" ".join(LENGTH_WORDS[i % 5:i % 5 + 3 + i % 9]),), "context": [], "label": 3 + i % 9,
+              "split": ("train", "train", "dev", "test")[i % 4]} for i in range(24)]
+    length = write_task(root / "sentence_length", "sentence_length", "syntax", "SENTENCE", [], items)
+    return load_tasks(str(FIXTURES), list(holmes), (selection,)) + [read_task(length)]
+
+
 def write_tiny_config(path: Path, family: dict[str, Path], **sections) -> Path:
     """A run config over the tiny family (one linear merge of a and b over base; small behaviour, probing and
     similarity workloads; the minimal pairs of `write_minimal_pairs`, written beside `path`), its top-level
