@@ -94,7 +94,7 @@ def test_cli_probes_lists_and_shows_curves(tiny_probes, tmp_path, capsys):
     write_table(tmp_path / "tables", "probes", probes)
     assert main(["probes", str(tmp_path)]) == 0
     listing = capsys.readouterr().out
-    assert "sentence_length" in listing and "base, a, b" not in listing and "a, b, base" in listing
+    assert SVA in listing and "base, a, b" not in listing and "a, b, base" in listing
     assert main(["probes", str(tmp_path), "--task", SVA, "--model", "a"]) == 0
     shown = capsys.readouterr().out
     best = probes.filter((pl.col("model") == "a") & (pl.col("task") == SVA)
