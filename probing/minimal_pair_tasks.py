@@ -45,3 +45,8 @@ def paradigm_task(paradigm: Paradigm) -> ProbingTask:
 def minimal_pair_tasks(selections: list[PairSelection] | tuple[PairSelection, ...]) -> list[ProbingTask]:
     """Every selected paradigm of every source, as a probing task."""
     return [paradigm_task(paradigm) for selection in selections for paradigm in selection.read()]
+
+
+def bundled_tasks(paradigms: list[str] | None = None) -> list[ProbingTask]:
+    """The bundled suite's paradigms (all, or those UIDs) as probing tasks `suite-<UID>` (benchmarks, tests)."""
+    return minimal_pair_tasks([PairSelection("suite", str(BUNDLED_DIR), tuple(paradigms) if paradigms else None)])
