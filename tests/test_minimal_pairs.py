@@ -163,3 +163,23 @@ def test_behavior_acc_equals_hand_computed_log_likelihoods(tiny_family, tmp_path
     rows = tidy(raw, "a")
     term = rows.filter(task="tiny:subject_verb_agreement", metric="acc").row(0, named=True)
     assert term["group"] == "tiny" and term["level"] == "group" and term["suite"] == "tiny" and term["n"] == 8
+
+
+def test_changed_pairs_change_their_own_keys_only(tmp_path):
+    """A paradigm's digest (its captures' and probes' key) follows its own selected lines; behaviour's key follows
+    every selected paradigm's content, not the folder's path."""
+    from evaluation.behavior import BehaviorSettings
+
+    folder = write_minimal_pairs(tmp_path / "pairs")
+    before = {t.name: t.digest for t in minimal_pair_tasks([PairSelection("tiny", str(folder))])}
+    settings = BehaviorSettings(suites=(), minimal_pairs=(PairSelection("tiny", str(folder)),))
+    key = settings.cache_key("model")
+    moved = folder.rename(tmp_path / "moved")
+    assert BehaviorSettings(suites=(), minimal_pairs=(PairSelection("tiny", str(moved)),)).cache_key("model") == key
+    _damaged(moved, _set("sentence_good", "the cats sit here."))
+    after = {t.name: t.digest for t in minimal_pair_tasks([PairSelection("tiny", str(moved))])}
+    assert after["tiny-determiner_noun_agreement"] == before["tiny-determiner_noun_agreement"]
+    assert after["tiny-subject_verb_agreement"] != before["tiny-subject_verb_agreement"]
+    assert BehaviorSettings(suites=(), minimal_pairs=(PairSelection("tiny", str(moved)),)).cache_key("model") != key
+    limited = {t.name: t.digest for t in minimal_pair_tasks([PairSelection("tiny", str(moved), pairs=6)])}
+    assert limited["tiny-determiner_noun_agreement"] != after["tiny-determiner_noun_agreement"]
