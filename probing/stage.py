@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -50,11 +51,10 @@ def load_tasks(data: str | None, names: list[str] | None = None, minimal_pairs: 
     folder of Holmes/FlashHolmes datasets (`names`: some of them). Tasks with no known phenomenon are reported
     once, in one `warn` line (the flow passes its run logger)."""
     tasks = minimal_pair_tasks(minimal_pairs) + (find_tasks(Path(data).expanduser(), names) if data else [])
-    seen: set[str] = set()
-    clash = next((t.name for t in tasks if t.name in seen or seen.add(t.name)), None)
-    if clash:
-        raise HolmesError(f"{data}: dataset {clash!r} has the name of a minimal-pair paradigm's task; rename the "
-                          "dataset folder or give the minimal-pair source another name")
+    clashes = [name for name, count in Counter(t.name for t in tasks).items() if count > 1]
+    if clashes:
+        raise HolmesError(f"{data}: dataset {clashes[0]!r} has the name of a minimal-pair paradigm's task; rename "
+                          "the dataset folder or give the minimal-pair source another name")
     unknown = unknown_datasets(tasks)
     if unknown:
         warn(f"{len(unknown)} probing dataset(s) with no known phenomenon (not in {PHENOMENA_FILE.name}; scored "
