@@ -12,7 +12,7 @@
    for the ordered pairs (base‖instruct, instruct‖math, math‖base): per-token error and relative error of the
    mean KL, for several k.
 
-    python bench/bench_capture.py [--parts forward bf16 similarity kl] [--tasks noun_number] [--top-k 64 256]
+    python bench/bench_capture.py [--parts forward bf16 similarity kl] [--tasks subject_verb_agreement] [--top-k 64 256]
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from merging.checkpoints import LoadOptions, load_model
 from merging.family import build_family
 from probing.capture import DEFAULT_BATCH_TOKENS, Batch, HookRequest, Pool, PooledInputs, TopK, run_capture
 from probing.hooks import HookRunner, layer_hooks
+from probing.minimal_pair_tasks import bundled_tasks
 from probing.similarity.functional import topk_kl
 from probing.similarity.unlabeled import TokenWindows
-from probing.stage import load_tasks, probe_inputs
+from probing.stage import probe_inputs
 
 
 def full_logits(folder: Path, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def forward_rows(folder: Path, task_names: list[str], batch_tokens: int = DEFAUL
     model, tokenizer = load_model(folder, LoadOptions())
     hooks_runner = HookRunner(*load_model(folder, LoadOptions()), backend="torch-hooks")
     bridge_runner = HookRunner(*load_model(folder, LoadOptions()))
-    tasks = load_tasks("bundled", task_names)
+    tasks = bundled_tasks(task_names)
     inputs = [probe_inputs(task, "mean", 128)[0] for task in tasks]
     requests = [HookRequest(hook, Pool()) for hook in layer_hooks(hooks_runner.n_blocks)]
     batches = [b for i in inputs for b in i.batches(tokenizer, batch_tokens)]
@@ -150,7 +151,7 @@ def bf16_row(folder: Path, task_names: list[str], batch_tokens: int = DEFAULT_BA
     float32 entry (the residual norm grows to ~1e4 over the layers), over every layer and request."""
     runners = {p: HookRunner(*load_model(folder, LoadOptions(precision=p)), backend="torch-hooks")
                for p in ("float32", "bfloat16")}
-    inputs = [probe_inputs(task, "mean", 128)[0] for task in load_tasks("bundled", task_names)]
+    inputs = [probe_inputs(task, "mean", 128)[0] for task in bundled_tasks(task_names)]
     requests = [HookRequest(hook, Pool()) for hook in layer_hooks(runners["float32"].n_blocks)]
     best, pooled = dict.fromkeys(runners, float("inf")), {}
     for rep in range(reps):
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8, help="windows per pass for the KL logits")
     parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
-    parser.add_argument("--tasks", nargs="+", default=["noun_number"])
+    parser.add_argument("--tasks", nargs="+", default=["subject_verb_agreement"])
     parser.add_argument("--models", nargs="+", default=["base", "instruct", "math"])
     parser.add_argument("--top-k", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--parts", nargs="+", choices=["forward", "bf16", "similarity", "kl"],

@@ -70,9 +70,10 @@ def describe(breakdown: dict, warm: float) -> str:
 
 def e2e_rows(quick: bool = False, config_path: Path = ROOT / "configs" / "smollm2.yaml") -> list[dict]:
     config = yaml.safe_load(config_path.read_text())
-    if quick:  # a seconds-scale stand-in: few items, two probing tasks, no similarity set
+    if quick:  # a seconds-scale stand-in: few items, one minimal-pair paradigm, one probe seed
         config["behavior"]["limit"] = 2
-        config["probing"].update(tasks=["noun_number"], seeds=[0])
+        config["minimal_pairs"] = [{"source": "bundled", "paradigms": ["subject_verb_agreement"], "pairs": 40}]
+        config["probing"].update(seeds=[0])
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         cold, cold_ledger = run(config, folder)

@@ -10,7 +10,7 @@ For every bundled task (features of all layers of SmolLM2-135M, captured once an
 Prints a table and writes JSON (workload, ours, baseline, ratio, max quality difference over layers and tasks,
 machine) to bench/.cache/bench_probes.json or --out.
 
-    nice -n 10 python bench/bench_probes.py [--tasks noun_number tense] [--seeds 0 1 2] [--out FILE]
+    nice -n 10 python bench/bench_probes.py [--tasks subject_verb_agreement filler_gap] [--seeds 0 1 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from merging.family import build_family
 from probing.capture import probe_inputs, task_features
 from probing.hooks import HookRunner
 from probing.probes import C_GRID, Split, control_labels, probe_classification, probe_regression, standardise
-from probing.stage import control_keys, load_tasks, probe_jobs
+from probing.minimal_pair_tasks import bundled_tasks
+from probing.stage import control_keys, probe_jobs
 from probing.store import CaptureStore, capture_model, model_ref
 from runstore.atomic import atomic_path
 
@@ -50,7 +51,7 @@ def task_feature_sets(names: list[str] | None, folder: Path | None = None,
     folder = folder or build_family(("base",))["base"]
     model, options = model_ref("base", folder), LoadOptions()
     store = CaptureStore(cache / "captures")
-    tasks = load_tasks("bundled", names)
+    tasks = bundled_tasks(names)
     jobs = probe_jobs(tasks, model.n_blocks)
     missing = store.missing(jobs, model, options.precision)
     if missing:
@@ -196,7 +197,7 @@ def measure_tasks(feature_sets: list[tuple[object, torch.Tensor]], seeds: list[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="*", default=None, help="bundled task names (default: all)")
+    parser.add_argument("--tasks", nargs="*", default=None, help="bundled paradigm UIDs (default: all)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="control-task seeds")
     parser.add_argument("--out", type=Path, default=CACHE / "bench_probes.json")
     args = parser.parse_args()

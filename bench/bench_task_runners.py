@@ -43,7 +43,9 @@ def experiment(family: dict[str, Path], runner: dict) -> dict:
             "models": [{"name": n, "source": str(family[n])} for n in parents],
             "merges": {"parents": [parents[1:3]], "methods": [{"method": "linear"}]},
             "behavior": {"limit": 8, "batch_size": 8},
-            "probing": {"seeds": [0], "tasks": ["noun_number", "tense"]},
+            "minimal_pairs": [{"source": "bundled", "paradigms": ["subject_verb_agreement", "tense_adverb_agreement"],
+                               "pairs": 100}],
+            "probing": {"seeds": [0]},
             "similarity": {"tokens": 512, "window": 64, "top_k": 64},
             "orchestration": runner}
 

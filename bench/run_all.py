@@ -48,7 +48,7 @@ def probes(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     import numpy as np
     from bench_probes import measure_tasks, task_feature_sets
 
-    sets = task_feature_sets(["noun_number"] if quick else None, family["base"], cache)  # default: every bundled task
+    sets = task_feature_sets(["subject_verb_agreement"] if quick else None, family["base"], cache)  # default: every bundled task
     if quick:  # 3 layers keep the smoke in seconds
         sets = [(task, x[:3]) for task, x in sets]
     rows = measure_tasks(sets, [0] if quick else [0, 1, 2])
@@ -72,9 +72,9 @@ def capture(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
     from probing.similarity.unlabeled import TokenWindows
 
-    rows = forward_rows(family["base"], ["noun_number"], reps=1 if quick else 4,
+    rows = forward_rows(family["base"], ["subject_verb_agreement"], reps=1 if quick else 4,
                         budgets=(256,) if quick else (256, 512, 1024))
-    return rows + [bf16_row(family["base"], ["noun_number"], reps=1 if quick else 3),
+    return rows + [bf16_row(family["base"], ["subject_verb_agreement"], reps=1 if quick else 3),
                    similarity_row(family["base"], TokenWindows(128 if quick else 1024, 64 if quick else 128), reps=1)]
 
 

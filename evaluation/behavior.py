@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -20,11 +21,12 @@ from typing import Sequence
 
 import polars as pl
 
+from evaluation.minimal_pairs import TEMPLATE_DIR, PairSelection, write_task_folder
 from evaluation.outcomes import metric_key
 from evaluation.suites import get_suite, task_manager
 from merging.checkpoints import LoadOptions, content_digest, load_model
 from runstore.atomic import atomic_write_text, read_cached
-from runstore.cache import cache_key, record
+from runstore.cache import cache_key, content_digest as files_digest, record
 
 CACHE_SUBDIR = "behavior"
 BEHAVIOR_VERSION = "2"  # 2: results carry lm-eval's per-item samples (older entries, without them, are misses)
@@ -45,11 +47,15 @@ class BehaviorSettings:
     device: str = "cpu"
     limit: int | None = None
     seed: int = 0
+    minimal_pairs: tuple[PairSelection, ...] = ()  # minimal-pair sources, each scored as an lm-eval group
 
     def cache_key(self, model_digest: str) -> str:
-        # "samples": results carry lm-eval's per-item samples (older cache entries, without them, are not hits)
-        return cache_key("behavior", BEHAVIOR_VERSION, model_digest, asdict(self), version("lm_eval"),
-                         {name: get_suite(name).digest() for name in self.suites})
+        # minimal pairs enter by content (every selected paradigm's digest, the task template), not by folder path
+        settings = asdict(self) | {"minimal_pairs": [
+            (s.source, [p.digest for p in s.read()]) for s in self.minimal_pairs]}
+        return cache_key("behavior", BEHAVIOR_VERSION, model_digest, settings, version("lm_eval"),
+                         {name: get_suite(name).digest() for name in self.suites},
+                         files_digest(sorted(TEMPLATE_DIR.glob("*.*")), TEMPLATE_DIR) if self.minimal_pairs else None)
 
 
 def env_report_once() -> None:
@@ -65,9 +71,10 @@ def env_report_once() -> None:
 def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
     """lm-eval's `simple_evaluate` on an in-memory model; returns its result made JSON-serialisable.
 
-    `tasks` picks tasks or groups inside the settings' suites (default: each suite whole). The result keeps
-    lm-eval's logged samples (`samples`: task -> per-item records, as its CLI's --log_samples writes them), the
-    per-item scores that paired merge-vs-parent tests need (`sample_items`).
+    `tasks` picks tasks or groups inside the settings' suites and minimal-pair sources (default: each whole; a
+    source's group is named by the source, its paradigms' task YAMLs are generated into a temporary folder). The
+    result keeps lm-eval's logged samples (`samples`: task -> per-item records, as its CLI's --log_samples writes
+    them), the per-item scores that paired merge-vs-parent tests need (`sample_items`).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -78,12 +85,15 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     _follow_tqdm_switch(lm)
     _git_hash_without_git()
-    # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
-    result = simple_evaluate(
-        model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks]), task_manager=task_manager(suites),
-        limit=settings.limit, log_samples=True, random_seed=settings.seed,
-        numpy_random_seed=1234 + settings.seed, torch_random_seed=1234 + settings.seed,
-        fewshot_random_seed=1234 + settings.seed)
+    with tempfile.TemporaryDirectory(prefix="merge-eval-pairs-") as pair_dir:
+        paradigms = [p for selection in settings.minimal_pairs for p in selection.read()]
+        groups = write_task_folder(paradigms, {s.source: s.pairs for s in settings.minimal_pairs}, Path(pair_dir))
+        # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
+        result = simple_evaluate(
+            model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks] + groups),
+            task_manager=task_manager(suites, [pair_dir] if groups else []), limit=settings.limit,
+            log_samples=True, random_seed=settings.seed, numpy_random_seed=1234 + settings.seed,
+            torch_random_seed=1234 + settings.seed, fewshot_random_seed=1234 + settings.seed)
     return json.loads(json.dumps(result, default=handle_non_serializable))
 
 
@@ -221,9 +231,12 @@ def tidy(raw: dict, model: str) -> pl.DataFrame:
     children = raw.get("group_subtasks", {})
     parent = {child: group for group, subs in children.items() for child in subs}
     suite_of = {}
-    for suite in raw.get("merge_eval", {}).get("settings", {}).get("suites", ()):
+    settings = raw.get("merge_eval", {}).get("settings", {})
+    for suite in settings.get("suites", ()):
         for top in get_suite(suite).tasks:
             suite_of |= {name: suite for name in _family(top, children)}
+    for selection in settings.get("minimal_pairs", ()):  # a minimal-pair source's suite is its name
+        suite_of |= {name: selection["source"] for name in _family(selection["source"], children)}
     samples = raw.get("n-samples", {})
     rows = []
     for name, metrics in raw["results"].items():

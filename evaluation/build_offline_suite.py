@@ -4,8 +4,9 @@ The committed jsonl files under evaluation/suites/offline/data/ are this script'
 compares). Domain tasks (math, instruct, code) use family_data's own prompt formats on HELD-OUT prompts only, so
 they measure the skill each child was tuned for on items it never saw; each domain gets a `greedy` task (is the
 exact answer the model's greedy continuation) and a `choice` task (gold answer against near-miss distractors in
-the same format, so format alone cannot win). The language tasks are minimal pairs built from our own word
-lists with lemminflect's inflection tables: general English competence that merging may erode.
+the same format, so format alone cannot win). General English competence (agreement, tense, adjective order...)
+is no longer here: the bundled minimal-pair suite (probing/suite, config `minimal_pairs`) scores it outside and
+inside the model on the same sentences.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from lemminflect import getInflection
-
 from evaluation.suites import OFFLINE_DIR
 from merging.family_data import examples
 
@@ -27,7 +26,6 @@ DATA_DIR = OFFLINE_DIR / "data"
 N_GREEDY = 40  # items per domain greedy task (one sequence each)
 N_CHOICE = 30  # items per domain choice task (gold + N_DISTRACTORS sequences each)
 N_DISTRACTORS = 2
-N_LANGUAGE = 40  # minimal pairs per language task
 SEED = 7
 
 # ---- domain tasks -------------------------------------------------------------------------------------------
@@ -116,104 +114,12 @@ def domain_tasks(domain: str) -> dict[str, list[dict]]:
     return {f"{domain}_greedy": greedy, f"{domain}_choice": choice}
 
 
-# ---- language tasks (minimal pairs) -------------------------------------------------------------------------
-
-_AGENTS = ["author", "teacher", "child", "man", "woman", "student", "doctor", "farmer", "baker", "girl", "boy",
-           "nurse", "painter", "king", "pilot", "singer", "driver", "mouse", "goose", "dog"]
-_INTRANSITIVE = {"sleep": "quietly", "run": "fast", "laugh": "loudly", "smile": "often", "work": "hard",
-                 "swim": "well", "sing": "softly", "wait": "outside", "dance": "together", "travel": "abroad"}
-_THINGS = ["book", "cup", "chair", "apple", "box", "tree", "knife", "leaf", "city", "bus", "foot", "tooth", "shoe",
-           "key", "card", "toy", "glass", "bottle", "coin", "candle"]
-_PREPOSITIONS = ["near", "behind", "with", "next to", "beside", "above"]
-_PAST_VERBS = {"go": "to school", "eat": "lunch", "write": "a letter", "see": "a bird", "buy": "some bread",
-               "take": "the bus", "make": "a cake", "bring": "a gift", "walk": "to the park", "cook": "dinner",
-               "clean": "the room", "play": "a game", "sing": "a song", "drink": "some tea", "read": "a story"}
-_NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Kim", "Lev", "Mia"]
-_ADJECTIVES = [("lovely", "ugly", "nice", "strange"), ("big", "small", "tiny", "huge"), ("old", "new", "young"),
-               ("round", "square", "flat"), ("red", "blue", "green", "black"),
-               ("wooden", "metal", "plastic", "woollen")]  # canonical English order: opinion size age shape colour material
-_ORDERED_NOUNS = ["box", "car", "chair", "hat", "bag", "cup", "lamp", "ball", "table", "clock"]
-
-
-def _inflect(lemma: str, tag: str) -> str:
-    return getInflection(lemma, tag)[0]
-
-
-def _pair(context: str, good: str, bad: str, rng: random.Random) -> dict:
-    return _choice_item(context, good, [bad], rng)
-
-
-def _distinct(make: Callable[[random.Random], dict], n: int, rng: random.Random) -> list[dict]:
-    """`n` items with distinct contexts+choices; the generators have far more than `n` combinations."""
-    seen, out = set(), []
-    while len(out) < n:
-        item = make(rng)
-        key = (item["context"], tuple(sorted(item["choices"])))
-        if key not in seen:
-            seen.add(key)
-            out.append(item)
-    return out
-
-
-def _subject_verb(rng: random.Random) -> dict:
-    """Agreement across an attractor of the opposite number: "The teachers near the boy" -> " sleep"."""
-    subject, attractor = rng.sample(_AGENTS, 2)
-    plural = rng.random() < 0.5
-    verb, adverb = rng.choice(list(_INTRANSITIVE.items()))
-    head = _inflect(subject, "NNS") if plural else subject
-    other = attractor if plural else _inflect(attractor, "NNS")
-    good, bad = (_inflect(verb, "VBP"), _inflect(verb, "VBZ"))[:: 1 if plural else -1]
-    return _pair(f"The {head} {rng.choice(_PREPOSITIONS)} the {other}", f" {good} {adverb}.", f" {bad} {adverb}.",
-                 rng)
-
-
-def _determiner_noun(rng: random.Random) -> dict:
-    """"Ann found these" -> " keys" over " key" (irregular plurals included)."""
-    det = rng.choice(["this", "that", "these", "those"])
-    thing = rng.choice(_THINGS)
-    singular, plural = thing, _inflect(thing, "NNS")
-    good, bad = (plural, singular) if det in ("these", "those") else (singular, plural)
-    verb = rng.choice(["found", "bought", "lost", "wanted", "painted", "moved"])
-    return _pair(f"{rng.choice(_NAMES)} {verb} {det}", f" {good}", f" {bad}", rng)
-
-
-def _tense(rng: random.Random) -> dict:
-    """A time adverb fixes the tense: "Yesterday the baker" -> " made a cake" over " makes a cake"."""
-    verb, rest = rng.choice(list(_PAST_VERBS.items()))
-    agent = rng.choice(_AGENTS)
-    past, present = _inflect(verb, "VBD"), _inflect(verb, "VBZ")
-    if rng.random() < 0.5:
-        return _pair(f"Yesterday the {agent}", f" {past} {rest}.", f" {present} {rest}.", rng)
-    return _pair(f"Every morning the {agent}", f" {present} {rest}.", f" {past} {rest}.", rng)
-
-
-def _adjective_order(rng: random.Random) -> dict:
-    """Hyperbaton: three adjectives in the canonical order against the same three reordered."""
-    classes = sorted(rng.sample(range(len(_ADJECTIVES)), 3))
-    words = [rng.choice(_ADJECTIVES[c]) for c in classes]
-    wrong = words[:]
-    while wrong == words:
-        rng.shuffle(wrong)
-    noun = rng.choice(_ORDERED_NOUNS)
-    return _pair(f"{rng.choice(_NAMES)} bought the", f" {' '.join(words)} {noun}", f" {' '.join(wrong)} {noun}",
-                 rng)
-
-
-_LANGUAGE = {"agreement_subject_verb": _subject_verb, "agreement_determiner_noun": _determiner_noun,
-             "tense_adverb": _tense, "adjective_order": _adjective_order}
-
-
-def language_tasks() -> dict[str, list[dict]]:
-    return {name: _distinct(make, N_LANGUAGE, random.Random(f"offline/{name}/{SEED}"))
-            for name, make in _LANGUAGE.items()}
-
-
 def build() -> dict[str, list[dict]]:
     """Every task's items, keyed by task file stem (deterministic: same output on every machine)."""
     tasks: dict[str, list[dict]] = {}
     for domain in ("math", "instruct", "code"):
         tasks |= domain_tasks(domain)
-    return tasks | language_tasks()
+    return tasks
 
 
 def render(items: list[dict]) -> str:

@@ -96,9 +96,29 @@ class BehaviorSpec(Strict):
         return value
 
 
+class MinimalPairSpec(Strict):
+    """One minimal-pair source, scored inside (a probe per paradigm, every layer) and outside (lm-eval
+    log-likelihood per pair): `bundled` (the project's generated suite, probing/suite) or a folder in BLiMP's
+    layout (`data/<UID>.jsonl`, e.g. a BLiMP download). Tasks are named `<name>-<UID>`; `name` defaults to `suite`
+    for the bundled suite and `blimp` for a folder. `paradigms`: UIDs to use (default all); `pairs`: the first
+    that many pairs of each (default all)."""
+
+    source: str
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.]*$")] | None = None  # no "-": ends the prefix
+    paradigms: Annotated[list[str], Field(min_length=1)] | None = None
+    pairs: Annotated[int, Field(ge=3)] | None = None  # a probe needs train, dev and test pairs
+
+    @property
+    def source_name(self) -> str:
+        return self.name or ("suite" if self.source == "bundled" else "blimp")
+
+
 class ProbingSpec(Strict):
-    data: str = "bundled"  # "bundled" or a folder of Holmes/FlashHolmes datasets
-    tasks: list[str] | None = None  # None: every task found
+    """Probe settings for every probing task; `data` adds a folder of Holmes/FlashHolmes datasets (`tasks`: some of
+    them by name) to the minimal-pair paradigms, which the top-level `minimal_pairs` selects."""
+
+    data: str | None = None  # a folder of Holmes/FlashHolmes datasets
+    tasks: list[str] | None = None  # None: every dataset under `data`
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     # capture: tokens per forward pass, padding included (= probing.capture.DEFAULT_BATCH_TOKENS; config stays torch-free)
     batch_tokens: Annotated[int, Field(ge=16)] = 1024
@@ -106,6 +126,22 @@ class ProbingSpec(Strict):
     controls: bool = True
     mdl: bool = False
     pooling: Literal["mean", "last"] = "mean"  # sentence inputs: masked mean or last token (spans: always mean)
+
+    @field_validator("data")
+    @classmethod
+    def _not_bundled(cls, value: str | None) -> str | None:
+        if value == "bundled":
+            raise ValueError("the bundled suite is now minimal pairs, scored inside and outside: use the top-level "
+                             "`minimal_pairs: [{source: bundled}]` (the default) and leave probing.data to Holmes "
+                             "folders")
+        return value
+
+    @model_validator(mode="after")
+    def _tasks_need_data(self) -> ProbingSpec:
+        if self.tasks is not None and self.data is None:
+            raise ValueError("probing.tasks picks datasets of probing.data, which is not set (minimal-pair "
+                             "paradigms are picked by minimal_pairs[].paradigms)")
+        return self
 
 
 class SimilaritySpec(Strict):
@@ -168,6 +204,8 @@ class ExperimentConfig(Strict):
     base: str
     merges: MergeSpec = Field(default_factory=MergeSpec)
     behavior: BehaviorSpec = Field(default_factory=BehaviorSpec)
+    # scored inside (probes, every layer) and outside (lm-eval log-likelihood) on the same sentences
+    minimal_pairs: list[MinimalPairSpec] = Field(default_factory=lambda: [MinimalPairSpec(source="bundled")])
     probing: ProbingSpec = Field(default_factory=ProbingSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
     orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
@@ -190,6 +228,17 @@ class ExperimentConfig(Strict):
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
 
+    def pair_selections(self) -> tuple:
+        """`minimal_pairs` as evaluation.minimal_pairs.PairSelection (paths as given, like every path here:
+        relative to the working directory)."""
+        from evaluation.minimal_pairs import PairSelection
+        from probing.minimal_pair_tasks import BUNDLED_DIR
+
+        return tuple(PairSelection(spec.source_name, str(BUNDLED_DIR if spec.source == "bundled" else
+                                                         Path(spec.source).expanduser()),
+                                   tuple(spec.paradigms) if spec.paradigms else None, spec.pairs)
+                     for spec in self.minimal_pairs)
+
 
 def _duplicates(values: list) -> list:
     return sorted({v for v in values if values.count(v) > 1}, key=str)
@@ -209,6 +258,10 @@ def reference_problems(data: dict) -> list[str]:
     groups = [g for g in entries(merges.get("parents")) if isinstance(g, list)]
     methods = [m for m in entries(merges.get("methods")) if isinstance(m, dict)]
     problems = [f"models: duplicate model name {name!r}" for name in _duplicates(models) if name is not None]
+    sources = [m for m in entries(data.get("minimal_pairs")) if isinstance(m, dict) and text(m.get("source"))]
+    names = [text(m.get("name")) or ("suite" if m["source"] == "bundled" else "blimp") for m in sources]
+    problems += [f"minimal_pairs: two sources named {name!r} (their tasks would share names): give one a `name`"
+                 for name in _duplicates(names)]
     if "base" in data and data["base"] not in models:
         problems.append(f"base: {data['base']!r} is not one of the models ({', '.join(map(str, models))})")
     for i, group in enumerate(groups):

@@ -100,12 +100,20 @@ def similarity_set(config: ExperimentConfig):
     return TokenWindows(config.similarity.tokens, config.similarity.window)
 
 
+def probing_tasks(config: ExperimentConfig, warn=lambda _: None) -> list:
+    """Every probing task of the run: the minimal-pair paradigms, then any Holmes datasets (tasks with no known
+    phenomenon go to `warn`, once per run: probe_tables_task passes its logger)."""
+    from probing.stage import load_tasks
+
+    return load_tasks(config.probing.data, config.probing.tasks, config.pair_selections(), warn=warn)
+
+
 def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
     """Everything the run's later stages read from the store for this model."""
-    from probing.stage import load_tasks, probe_jobs
+    from probing.stage import probe_jobs
 
     spec = config.probing
-    tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # the probing task reports unknown datasets
+    tasks = probing_tasks(config)
     jobs = probe_jobs(tasks, model.n_blocks, spec.pooling, spec.max_length, spec.batch_tokens)
     if config.similarity.functional:
         from probing.similarity.functional import functional_jobs
@@ -150,10 +158,10 @@ def model_task(name: str, folder: Path, run: RunDir,
 def probing_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig):
     """Layerwise probes of one model from the capture store: its probes and probe_items rows (probing.stage
     caches probe results beside the captures, so only new or changed models are probed again)."""
-    from probing.stage import load_tasks, probe_model
+    from probing.stage import probe_model
 
     spec = config.probing
-    tasks = load_tasks(spec.data, spec.tasks, warn=lambda _: None)  # reported once, by probe_tables_task
+    tasks = probing_tasks(config)
     get_run_logger().info("probing %s (%d tasks)", name, len(tasks))
     return probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
                        spec.max_length, spec.pooling, spec.controls, spec.mdl, log=get_run_logger().debug)
@@ -162,9 +170,7 @@ def probing_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig)
 @task(name="probe-tables", cache_policy=NO_CACHE)
 def probe_tables_task(results: list, run: RunDir, config: ExperimentConfig) -> Path:
     """probes.parquet and probe_items.parquet from every probed model's rows."""
-    from probing.stage import load_tasks
-
-    load_tasks(config.probing.data, config.probing.tasks, warn=get_run_logger().warning)
+    probing_tasks(config, warn=get_run_logger().warning)
     write_table(run.tables, "probe_items", pl.concat([r.items for r in results]))
     return write_table(run.tables, "probes", pl.concat([r.rows for r in results], how="diagonal_relaxed"))
 
@@ -223,7 +229,8 @@ def behavior_settings(config: ExperimentConfig):
 
     return BehaviorSettings(suites=tuple(config.behavior.suites), batch_size=config.behavior.batch_size,
                             precision=config.precision, device=load_options(config).torch_device,
-                            limit=config.behavior.limit, seed=config.seed)
+                            limit=config.behavior.limit, seed=config.seed,
+                            minimal_pairs=config.pair_selections())
 
 
 @task(name="behavior-tables", cache_policy=NO_CACHE)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flows.config import ConfigError, ExperimentConfig, load_config
 from merging.checkpoints import EMBEDDED_PREFIX, checkpoint_problems
+from evaluation.minimal_pairs import MinimalPairError
 from probing.holmes import HolmesError
 
 
@@ -60,25 +61,37 @@ def source_problems(config: ExperimentConfig) -> list[str]:
     return problems
 
 
-def probing_problems(config: ExperimentConfig) -> list[str]:
-    """`probing.data` holds readable Holmes datasets, and `probing.tasks` names some of them.
+def minimal_pair_problems(config: ExperimentConfig) -> list[str]:
+    """Each `minimal_pairs` source is a folder in BLiMP's layout whose selected paradigms read cleanly (every line:
+    a read whole here fails in seconds, not hours into a run)."""
+    problems = []
+    for i, (spec, selection) in enumerate(zip(config.minimal_pairs, config.pair_selections())):
+        try:
+            selection.read()
+        except MinimalPairError as error:
+            problems.append(f"minimal_pairs[{i}].source={spec.source!r}: {error}")
+    return problems
 
-    A user's folder is read whole (a malformed CSV or YAML fails here, not hours into a run); the bundled suite
-    is tested with the package, so only its task names are checked.
-    """
-    from probing.build_suite import SUITE_DIR
+
+def probing_problems(config: ExperimentConfig) -> list[str]:
+    """`probing.data` holds readable Holmes datasets, `probing.tasks` names some of them, and none is named like a
+    minimal-pair task. A user's folder is read whole (a malformed CSV or YAML fails here, not hours into a run)."""
     from probing.holmes import find_tasks
 
     spec = config.probing
-    if spec.data == "bundled":
-        known = sorted(p.parent.name for p in SUITE_DIR.rglob("samples.csv"))
-        unknown = [t for t in spec.tasks or () if t not in known]
-        return [f"probing.tasks: unknown bundled task(s) {unknown}; known: {', '.join(known)}"] if unknown else []
+    if spec.data is None:
+        return []
     try:
-        find_tasks(Path(spec.data).expanduser(), spec.tasks)
+        tasks = find_tasks(Path(spec.data).expanduser(), spec.tasks)
     except HolmesError as error:
         return [f"probing.data={spec.data!r}: {line}" for line in error.lines()]
-    return []
+    try:
+        pair_tasks = {p.name for selection in config.pair_selections() for p in selection.read()}
+    except MinimalPairError:  # reported by minimal_pair_problems
+        pair_tasks = set()
+    return [f"probing.data={spec.data!r}: dataset {task.name!r} has the name of a minimal-pair paradigm's task; "
+            "rename the folder or give that minimal_pairs source another `name`"
+            for task in tasks if task.name in pair_tasks]
 
 
 def device_problems(config: ExperimentConfig) -> list[str]:
@@ -101,7 +114,8 @@ def run_dir_problems(run_dir: Path) -> list[str]:
 
 
 def environment_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
-    return source_problems(config) + probing_problems(config) + device_problems(config) + run_dir_problems(run_dir)
+    return (source_problems(config) + minimal_pair_problems(config) + probing_problems(config)
+            + device_problems(config) + run_dir_problems(run_dir))
 
 
 def validate_config(path: str | Path, run_dir: str | Path | None = None) -> tuple[ExperimentConfig, Path]:

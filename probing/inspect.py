@@ -90,8 +90,9 @@ def show_probes(run_dir: Path, task: str | None = None, model: str | None = None
             pl.col("n_train").first(), pl.col("n_test").first(), pl.col("layer").n_unique().alias("layers"),
             pl.col("model").n_unique().alias("models")).sort("phenomenon", "task")
         table = Table(title=f"probing tasks in {run_dir}")
-        for column in tasks.columns:
-            table.add_column(column)
+        for column in tasks.columns:  # task names whole (they are what --task takes), the others may wrap
+            table.add_column(column, no_wrap=column == "task",
+                             min_width=tasks["task"].str.len_chars().max() if column == "task" else None)
         for row in tasks.iter_rows():
             table.add_row(*map(str, row))
         console.print(table)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -22,10 +23,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from probing.build_suite import SUITE_DIR
+from evaluation.minimal_pairs import PairSelection
 from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, Pool, probe_inputs, task_features
-from probing.holmes import PHENOMENA_FILE, UNKNOWN, ProbingTask, Span, find_tasks, unknown_datasets
+from probing.holmes import PHENOMENA_FILE, UNKNOWN, HolmesError, ProbingTask, Span, find_tasks, unknown_datasets
 from probing.hooks import layer_hooks
+from probing.minimal_pair_tasks import minimal_pair_tasks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from probing.store import CaptureJob, CaptureStore, ModelRef
 from runstore.atomic import read_cached
@@ -43,11 +45,16 @@ class ProbeTables(NamedTuple):
     items: pl.DataFrame
 
 
-def load_tasks(data: str, names: list[str] | None = None,
+def load_tasks(data: str | None, names: list[str] | None = None, minimal_pairs: tuple[PairSelection, ...] = (),
                warn: Callable[[str], None] = logging.getLogger(__name__).warning) -> list[ProbingTask]:
-    """The config's `probing.data`: "bundled" (probing/suite) or a folder of Holmes/FlashHolmes datasets.
-    Datasets with no known phenomenon are reported once, in one `warn` line (the flow passes its run logger)."""
-    tasks = find_tasks(SUITE_DIR if data == "bundled" else Path(data).expanduser(), names)
+    """Every probing task of a run: the minimal-pair paradigms (`minimal_pairs`), then the datasets of `data`, a
+    folder of Holmes/FlashHolmes datasets (`names`: some of them). Tasks with no known phenomenon are reported
+    once, in one `warn` line (the flow passes its run logger)."""
+    tasks = minimal_pair_tasks(minimal_pairs) + (find_tasks(Path(data).expanduser(), names) if data else [])
+    clashes = [name for name, count in Counter(t.name for t in tasks).items() if count > 1]
+    if clashes:
+        raise HolmesError(f"{data}: dataset {clashes[0]!r} has the name of a minimal-pair paradigm's task; rename "
+                          "the dataset folder or give the minimal-pair source another name")
     unknown = unknown_datasets(tasks)
     if unknown:
         warn(f"{len(unknown)} probing dataset(s) with no known phenomenon (not in {PHENOMENA_FILE.name}; scored "

@@ -38,6 +38,7 @@ class Choice:
 
     label: str
     options: list[tuple[str, Markup, Markup | None]]
+    selected: str = "0"  # the option the chart opens on
 
 
 @dataclass
@@ -277,6 +278,15 @@ def _inspector_figure(task_rows: pl.DataFrame, models: list[str], colors: dict[s
     return _layout(fig, 640, hovermode="closest")
 
 
+def _most_layered(curve: pl.DataFrame, tasks: list[str]) -> str:
+    """The task whose score gains most from layer 0 (the embeddings) to its best layer, mean over models: the
+    inspector opens on it rather than on whichever sorts first (a task flat from layer 0 shows no computation)."""
+    gain = (pl.col("value").max() - pl.col("value").first()).alias("gain")
+    best = dict(curve.sort("layer").group_by("model", "task").agg(gain).group_by("task").agg(
+        pl.col("gain").mean()).iter_rows())
+    return max(tasks, key=lambda task: (best.get(task) or 0.0, -tasks.index(task)))
+
+
 def inspector_chart(probes: pl.DataFrame | None, order: list[str]) -> Chart | None:
     """Per-layer probe inspection: per task, every model's layer curve, control curve, error band, selectivity;
     the best layer (star) and last layer (square) marked."""
@@ -295,7 +305,8 @@ def inspector_chart(probes: pl.DataFrame | None, order: list[str]) -> Chart | No
         fig.update_layout(title=dict(text=f"{row['task']} ({row['phenomenon']}) · {row['metric']}", x=0))
         figures[str(i)] = fig
     options = _options(tasks["task"].to_list(), tasks["phenomenon"].to_list())
-    return Chart("inspector", "Per-layer probe inspection", figures, [Choice("task", options)],
+    opening = str(tasks["task"].to_list().index(_most_layered(curve, tasks["task"].to_list())))
+    return Chart("inspector", "Per-layer probe inspection", figures, [Choice("task", options, opening)],
                  note="Mean over probe seeds; the band is ±1 bootstrap stderr over test items. Star: best layer "
                       "(chosen on dev, scored on test); square: last layer (the seed paper's view). Click a legend "
                       "entry to hide a model, double-click to show only it.")

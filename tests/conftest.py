@@ -89,15 +89,65 @@ def build_tiny_family(root: Path) -> dict[str, Path]:
     return paths
 
 
+NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("girl", "girls"), ("boy", "boys"), ("park", "parks")]
+VERBS = [("sits", "sit"), ("runs", "run"), ("sings", "sing")]
+TINY_PARADIGMS = ("subject_verb_agreement", "determiner_noun_agreement")
+
+
+def write_minimal_pairs(folder: Path, pairs: int = 12) -> Path:
+    """A small minimal-pair folder in BLiMP's layout (two morphology paradigms of `pairs` pairs each), written the
+    way a user's or the bundled suite's would be."""
+    import json
+
+    rows = {"subject_verb_agreement": [], "determiner_noun_agreement": []}
+    for i in range(pairs):
+        (one, many), (verb_one, verb_many) = NOUNS[i % len(NOUNS)], VERBS[i % len(VERBS)]
+        plural = i % 2 == 1
+        subject, good, bad = (many, verb_many, verb_one) if plural else (one, verb_one, verb_many)
+        rows["subject_verb_agreement"].append((f"the {subject} {good} here.", f"the {subject} {bad} here."))
+        det, noun, wrong = ("these", many, one) if plural else ("this", one, many)
+        rows["determiner_noun_agreement"].append((f"she saw {det} {noun} {i}.", f"she saw {det} {wrong} {i}."))
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for uid, sentences in rows.items():
+        lines = [json.dumps({"sentence_good": g, "sentence_bad": b, "field": "morphology", "linguistics_term": uid,
+                             "UID": uid, "pairID": str(i), "lexically_identical": False})
+                 for i, (g, b) in enumerate(sentences)]
+        (folder / "data" / f"{uid}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "holmes"
+LENGTH_WORDS = "the cat sat on a warm mat by the old red door near our quiet home".split()
+
+
+def probe_test_tasks(root: Path, holmes: tuple[str, ...] = ("pos",)) -> list:
+    """Probing tasks of every kind for stage tests: the bundled suite's subject-verb agreement paradigm (its first
+    20 pairs; sentence probe), the real-format Holmes fixtures named in `holmes`, and a regression task (sentence
+    length in words, 24 sentences) written in Holmes's format under `root`."""
+    from evaluation.minimal_pairs import PairSelection
+    from probing.holmes import read_task, write_task
+    from probing.minimal_pair_tasks import BUNDLED_DIR
+    from probing.stage import load_tasks
+
+    selection = PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement",), 20)
+    items = [{"inputs": (" ".join(LENGTH_WORDS[i % 5:i % 5 + 3 + i % 9]),), "context": [], "label": 3 + i % 9,
+              "split": ("train", "train", "dev", "test")[i % 4]} for i in range(24)]
+    length = write_task(root / "sentence_length", "sentence_length", "syntax", "SENTENCE", [], items)
+    return load_tasks(str(FIXTURES), list(holmes), (selection,)) + [read_task(length)]
+
+
 def write_tiny_config(path: Path, family: dict[str, Path], **sections) -> Path:
     """A run config over the tiny family (one linear merge of a and b over base; small behaviour, probing and
-    similarity workloads), its top-level `sections` replaced by the caller's; written as YAML to `path`."""
+    similarity workloads; the minimal pairs of `write_minimal_pairs`, written beside `path`), its top-level
+    `sections` replaced by the caller's; written as YAML to `path`."""
+    pairs = write_minimal_pairs(path.parent / "pairs")
     config = {
         "name": "tiny", "seed": 1, "precision": "float32", "device": "cpu",
         "models": [{"name": n, "source": str(p)} for n, p in family.items()], "base": "base",
         "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear", "parameters": {"weight": 0.5}}]},
         "behavior": {"limit": 4, "batch_size": 4},
-        "probing": {"seeds": [0], "batch_tokens": 512, "tasks": ["noun_number", "tense"]},
+        "minimal_pairs": [{"source": str(pairs), "name": "tiny"}],
+        "probing": {"seeds": [0], "batch_tokens": 512},
         "similarity": {"tokens": 512, "window": 32, "top_k": 64},
     } | sections
     path.write_text(yaml.safe_dump(config))

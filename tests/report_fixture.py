@@ -18,7 +18,7 @@ import yaml
 from scipy import stats
 
 XSS = "<script>alert(1)</script>"
-TASKS = ["noun_number", "tense", "sentence_length"]
+TASKS = ["suite-subject_verb_agreement", "pos", "sentence_length"]  # conftest.probe_test_tasks
 LAYERS = 4
 CORRELATION_SCHEMA = {"family": pl.String, "x": pl.String, "x_kind": pl.String, "y": pl.String, "y_kind": pl.String,
                       "y_metric": pl.String, "view": pl.String, "layer": pl.Int64, "method": pl.String,
@@ -52,13 +52,16 @@ def _raw_result(scores: dict[str, float]) -> dict:
             "n-samples": {name: {"effective": 200} for name in ("skill_math", "skill_code", "language")}}
 
 
-def _probes(models: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _probes(models: list[str], root: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     """probes and probe_items rows."""
-    from probing.stage import load_tasks, probe_task
+    from conftest import probe_test_tasks
 
-    frames, items = [], []
+    from probing.stage import probe_task
+
+    frames, items, tasks = [], [], probe_test_tasks(root)
+    assert [task.name for task in tasks] == TASKS
     for i, model in enumerate(models):
-        for task in load_tasks("bundled", TASKS):
+        for task in tasks:
             rng = np.random.default_rng(i)
             n = len(task.labels)
             signal = np.asarray(task.labels, dtype=np.float32).reshape(n, 1)
@@ -132,7 +135,7 @@ def make_run(root: Path, tiny_family: dict[str, Path]) -> Path:
     skills = {"base": (0.30, 0.30, 0.50), "a": (0.70, 0.35, 0.55), "b": (0.32, 0.66, 0.60),
               "a+b/linear": (0.55, 0.52, 0.65), XSS: (0.74, 0.20, 0.70)}
     behavior = pl.concat([tidy(_raw_result(dict(zip(("math", "code", "lang"), skills[m]))), m) for m in models])
-    probes, probe_items = _probes(models)
+    probes, probe_items = _probes(models, root / "tasks")
     weights = weight_features({m: paths[m] for m in models}, "base", {m.model: m.parents for m in lineages})
     functional = pl.DataFrame(
         [{"model_a": a, "model_b": b, "feature": "cka", "scope": "layer", "layer": layer, "module": None,

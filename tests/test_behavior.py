@@ -34,7 +34,7 @@ def test_wrapper_equals_lm_eval_cli(tiny_family, tiny_scores, tmp_path):
                "--limit", str(LIMIT), "--device", "cpu", "--output_path", str(out), "--log_samples"]
     subprocess.run(command, check=True, capture_output=True, timeout=600)
     cli = json.loads(next(out.rglob("results_*.json")).read_text())
-    assert set(cli["results"]) == set(raw["results"]) and len(raw["results"]) == 15  # 10 tasks + 5 groups
+    assert set(cli["results"]) == set(raw["results"]) and len(raw["results"]) == 10  # 6 tasks + 4 groups
     for task, metrics in cli["results"].items():
         numeric = {k: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
         assert numeric, task
@@ -49,7 +49,7 @@ def test_wrapper_equals_lm_eval_cli(tiny_family, tiny_scores, tmp_path):
             task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
             expected += [(task, sample["doc_id"], sample["filter"], m, float(sample[m])) for m in sample["metrics"]]
     items = sample_items(raw, "base")
-    assert len(expected) == items.height == 10 * LIMIT + 7 * LIMIT  # acc everywhere, acc_norm on 7 choice tasks
+    assert len(expected) == items.height == 6 * LIMIT + 3 * LIMIT  # acc everywhere, acc_norm on the 3 choice tasks
     assert sorted(items.select("task", "doc_id", "filter", "metric", "value").iter_rows()) == sorted(expected)
     assert set(items["model"]) == {"base"}
 
@@ -66,7 +66,7 @@ def test_tidy_keeps_every_metric_with_direction_stderr_and_n(tiny_scores):
     assert greedy["group"] == "offline_math" and greedy["level"] == "task" and greedy["n"] == LIMIT
     assert greedy["stderr"] == pytest.approx(raw["results"]["offline_math_greedy"]["acc_stderr,none"])
     top = rows.filter(pl.col("task") == "merge_eval_offline").row(0, named=True)
-    assert top["level"] == "group" and top["group"] is None and top["n"] == 10 * LIMIT
+    assert top["level"] == "group" and top["group"] is None and top["n"] == 6 * LIMIT
     assert set(rows["suite"]) == {"offline"}
     scores = outcome_scores(rows)
     assert scores.select("model", "task", "level", "metric").is_unique().all()
@@ -79,11 +79,11 @@ def test_items_mean_to_the_scores_and_raw_json_drops_them(tiny_scores):
     items = outcome_items(behavior, sample_items(raw, "base"))
     # every task row and the weight_by_size acc groups are item means; acc_norm groups are not aggregated
     keys = items.select("task", "level", "metric").unique()
-    assert keys.filter(pl.col("level") == "task").height == 17
+    assert keys.filter(pl.col("level") == "task").height == 9  # 3 greedy tasks x acc, 3 choice tasks x acc, acc_norm
     assert sorted(keys.filter(pl.col("level") == "group")["task"]) == sorted(
         behavior.filter(pl.col("level") == "group")["task"].unique())
     top = items.filter(pl.col("task") == "merge_eval_offline")
-    assert top.height == 10 * LIMIT and top["item"].str.contains("/").all()
+    assert top.height == 6 * LIMIT and top["item"].str.contains("/").all()
     assert top["value"].mean() == pytest.approx(raw["results"]["merge_eval_offline"]["acc,none"], abs=1e-12)
 
 

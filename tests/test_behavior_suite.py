@@ -29,12 +29,12 @@ def test_committed_data_is_what_the_script_generates():
         assert (DATA / f"{name}.jsonl").read_text() == render(items), name
 
 
-def test_suite_has_eight_tasks_in_four_groups_that_cover_every_child():
+def test_suite_has_six_tasks_in_three_groups_that_cover_every_child():
     manager = task_manager([get_suite("offline")])
     top = manager._entry("merge_eval_offline").cfg["task"]
-    assert set(top) == DOMAIN_GROUPS | {"offline_language"}
+    assert set(top) == DOMAIN_GROUPS  # general language: the minimal-pair suite (config `minimal_pairs`)
     leaves = {group: manager._entry(group).cfg["task"] for group in top}
-    assert sum(map(len, leaves.values())) >= 8 and all(len(v) >= 2 for v in leaves.values())
+    assert sum(map(len, leaves.values())) == 6 and all(len(v) >= 2 for v in leaves.values())
     on_disk = {f"offline_{stem}" for stem in committed()}
     assert {t for v in leaves.values() for t in v} == on_disk
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evaluation.minimal_pairs import PairSelection
 from merging.checkpoints import LoadOptions, load_model
 from probing.capture import CaptureError, HookRequest, PackedPattern, Tokens, TopK, run_capture
 from probing.hooks import LOGITS_HOOK, PATTERN_HOOK, HookError, HookRunner
 from probing.similarity.functional import functional_jobs
 from probing.similarity.unlabeled import TokenWindows
+from probing.minimal_pair_tasks import BUNDLED_DIR
 from probing.stage import load_tasks, probe_jobs
 from probing.store import CaptureStore, capture_model, model_ref
 
@@ -46,7 +48,8 @@ def test_pattern_and_topk_equal_hf_outputs(tiny_family, backend):
 
 def test_fallback_backend_gives_the_same_store(tiny_family, tmp_path):
     model = model_ref("a", tiny_family["a"])
-    jobs = probe_jobs(load_tasks("bundled", ["noun_number"]), model.n_blocks) + \
+    paradigm = PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement",), 20)
+    jobs = probe_jobs(load_tasks(None, minimal_pairs=(paradigm,)), model.n_blocks) + \
         functional_jobs(WINDOWS, model.n_blocks, top_k=32)
     stores = {}
     for backend in ("transformer-lens", "torch-hooks"):

@@ -41,10 +41,8 @@ def test_qwen_config_needs_only_the_flashholmes_download(tmp_path, capsys, monke
     code, lines = validate(qwen, capsys)
     assert code == 2 and lines == [f"error: {qwen}: probing.data='data/flash-holmes': data/flash-holmes: probing "
                                    f"data folder not found"]
-    from probing.build_suite import SUITE_DIR
-
-    for task in ("tense", "noun_number"):  # two Holmes datasets stand in for the download
-        shutil.copytree(SUITE_DIR / task, tmp_path / "data" / "flash-holmes" / task)
+    for task in ("pos", "next-sentence-prediction"):  # two real-format Holmes datasets stand in for the download
+        shutil.copytree(ROOT / "tests" / "fixtures" / "holmes" / task, tmp_path / "data" / "flash-holmes" / task)
     assert main(["validate", str(qwen)]) == 0
 
 

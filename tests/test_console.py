@@ -89,7 +89,7 @@ def test_run_console_has_one_line_per_stage_and_model(api_url, tiny_family, tmp_
 
 def test_verbose_run_shows_the_detail_again(api_url, tiny_family, tmp_path):
     """MERGE_EVAL_VERBOSE=1 brings back lm-eval's own warnings and the stages' per-task lines."""
-    config = write_config(tmp_path / "console.yaml", tiny_family, probing={"seeds": [0], "tasks": ["tense"]},
+    config = write_config(tmp_path / "console.yaml", tiny_family, probing={"seeds": [0]},
                           similarity={"functional": False, "weights": False})
     done = run_cli(["run", str(config), "--run-dir", str(tmp_path / "run")], cwd=tmp_path, api_url=api_url,
                    verbose=True)
@@ -97,7 +97,7 @@ def test_verbose_run_shows_the_detail_again(api_url, tiny_family, tmp_path):
     assert done.returncode == 0, output
     assert "Custom kwargs can be passed to `--metadata`" in output
     assert "Running loglikelihood requests" in output
-    assert "base: probed tense" in output and "a: captured" in output
+    assert "base: probed tiny-subject_verb_agreement" in output and "a: captured" in output
 
 
 def test_user_error_inside_the_flow_is_one_line_and_exit_2(api_url, tiny_family, tmp_path):

@@ -88,7 +88,8 @@ def test_serve_registers_and_runs_deployments(prefect_server, tiny_family, tmp_p
                   "models": [{"name": n, "source": str(p)} for n, p in tiny_family.items()], "base": "base",
                   "merges": {"parents": [["a", "b"]], "methods": [{"method": "linear"}]},
                   "behavior": {"limit": 2, "batch_size": 4},
-                  "probing": {"seeds": [0], "tasks": ["noun_number"]}}
+                  "minimal_pairs": [{"source": "bundled", "paradigms": ["subject_verb_agreement"], "pairs": 20}],
+                  "probing": {"seeds": [0]}}
         config_path = tmp_path / "served.yaml"
         config_path.write_text(yaml.safe_dump(config))
         run_dir = tmp_path / "served-run"

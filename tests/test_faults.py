@@ -144,17 +144,15 @@ def _append(path: Path, text: str) -> None:
 
 
 def _holmes_copy(tmp_path: Path, damage=lambda folder: None) -> Path:
-    from probing.build_suite import SUITE_DIR
-
     data = tmp_path / "holmes"
-    shutil.copytree(SUITE_DIR / "tense", data / "tense")
-    damage(data / "tense")
+    shutil.copytree(Path(__file__).parent / "fixtures" / "holmes" / "pos", data / "pos")  # real Holmes format
+    damage(data / "pos")
     return data
 
 
 @pytest.mark.parametrize("damage, expected", [
     (lambda f: _append(f / "samples.csv", "\"__import__('os')\",\"['x']\",,a,train,a,0,999\n"),
-     "tense/samples.csv: row 202: inputs is not a Python literal"),
+     "pos/samples.csv: row 18: inputs is not a Python literal"),
     (lambda f: (f / "config-none.yaml").write_text("probe_task_type: [unclosed\n"), "config-none.yaml: YAML error"),
     (lambda f: (f / "samples.csv").write_text("inputs,context\n"), "samples.csv: missing column(s)"),
     (lambda f: (f / "samples.csv").unlink(), "no Holmes datasets (folders with samples.csv) found"),
@@ -167,11 +165,13 @@ def test_malformed_probing_data_found_by_validate(tiny_family, tmp_path, capsys,
     assert len(lines) == 1 and f"probing.data='{data}': " in lines[0] and expected in lines[0], lines
 
 
-def test_unknown_bundled_task_and_a_good_local_config(tiny_family, tmp_path, capsys):
+def test_unknown_bundled_paradigm_and_a_good_local_config(tiny_family, tmp_path, capsys):
     models = {name: str(path) for name, path in tiny_family.items()}
-    bad = _write_config(tmp_path / "bad.yaml", models, probing={"tasks": ["tense", "sarcasm"]})
+    bad = _write_config(tmp_path / "bad.yaml", models,
+                        minimal_pairs=[{"source": "bundled", "paradigms": ["subject_verb_agreement", "sarcasm"]}])
     assert main(["validate", str(bad)]) == 2
-    assert "probing.tasks: unknown bundled task(s) ['sarcasm']; known: " in _errors(capsys)[0]
+    assert "minimal_pairs[0].source='bundled': " in (line := _errors(capsys)[0])
+    assert "unknown paradigm(s) ['sarcasm']; known: " in line
     good = _write_config(tmp_path / "good.yaml", models, probing={"data": str(_holmes_copy(tmp_path))})
     assert main(["validate", str(good), "--run-dir", str(tmp_path / "run")]) == 0
     assert not (tmp_path / "run").exists(), "validate creates nothing"

@@ -24,7 +24,7 @@ def tiny_config(tiny_family, tmp_path):
         merges={"parents": [["a", "b"]],
                 "methods": [{"method": "linear", "parameters": {"weight": 0.5}},
                             {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]},
-        probing={"seeds": [0], "batch_tokens": 256, "tasks": ["noun_number", "tense"]})
+        probing={"seeds": [0], "batch_tokens": 256})
 
 
 def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tiny_family, tmp_path, load_counter):
@@ -50,7 +50,12 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tin
     tables = {name: pl.read_parquet(run.tables / f"{name}.parquet")
               for name in ["behavior", "probes", "similarity", "outcomes"]}
     assert set(tables["behavior"]["model"]) == models == set(tables["probes"]["model"])
-    assert set(tables["probes"]["task"]) == {"noun_number", "tense"}
+    paradigms = {"tiny-subject_verb_agreement", "tiny-determiner_noun_agreement"}  # conftest.write_minimal_pairs
+    assert set(tables["probes"]["task"]) == paradigms, "every paradigm is probed inside"
+    behavior = tables["behavior"].filter(pl.col("level") == "task")
+    assert paradigms <= set(behavior["task"]), "and scored outside, under the same name"
+    assert dict(behavior.filter(pl.col("task").is_in(paradigms)).select("task", "group").unique().iter_rows()) == {
+        name: f"tiny:{name.removeprefix('tiny-')}" for name in paradigms}  # group = source:linguistics_term
     assert tables["probes"]["layer"].n_unique() == 4  # embeddings + 3 blocks of the tiny model
     assert set(tables["outcomes"]["kind"]) == {"behavior", "internals"}
     assert set(tables["outcomes"]["model"]) == {"a+b/linear", "a+b/dare_ties"}
@@ -74,8 +79,10 @@ def test_flow_writes_run_directory_and_resumes(prefect_harness, tiny_config, tin
     # per-item tables feed the paired merge-vs-parent tests; correlations and the report close the run
     items = {name: pl.read_parquet(run.tables / f"{name}.parquet") for name in ["behavior_items", "probe_items"]}
     assert set(items["behavior_items"]["model"]) == models == set(items["probe_items"]["model"])
-    probe_items = items["probe_items"].filter((pl.col("model") == "a") & (pl.col("task") == "noun_number"))
-    assert probe_items.height == 4 * 40  # every layer x every noun_number test item
+    probe_items = items["probe_items"].filter((pl.col("model") == "a")
+                                              & (pl.col("task") == "tiny-subject_verb_agreement"))
+    assert probe_items.height == 4 * 6  # every layer x every test item (3 of the 12 pairs, both sentences)
+    assert set(items["behavior_items"]["task"]) >= paradigms
     assert set(tables["outcomes"]["relation_test"].drop_nulls()) == {"paired_bootstrap"}
     correlations = pl.read_parquet(run.tables / "correlations.parquet")
     assert {"competence~behavior", "selector~outcome"} <= {f.split("|")[0] for f in correlations["family"]}

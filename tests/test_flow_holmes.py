@@ -20,7 +20,7 @@ def test_flow_probes_real_format_holmes_folders(prefect_harness, tiny_family, tm
     from flows.pipeline import merge_eval
 
     path = write_tiny_config(tmp_path / "tiny-holmes.yaml", tiny_family, name="tiny-holmes",
-                             behavior={"limit": 1, "batch_size": 4}, similarity={"weights": False},
+                             behavior={"limit": 1, "batch_size": 4}, similarity={"weights": False}, minimal_pairs=[],
                              probing={"data": str(FIXTURES), "tasks": TASKS, "seeds": [0], "batch_tokens": 512})
     run = RunDir(tmp_path / "run")
     merge_eval(config_path=str(path), run_dir=str(run.root))

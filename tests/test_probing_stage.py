@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+from conftest import probe_test_tasks
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
@@ -16,17 +17,19 @@ from merging.merge import MergeLineage
 from probing.capture import capture, task_features, task_requests
 from probing.hooks import HookRunner
 from probing.probes import Split, probe_classification, standardise
+from evaluation.minimal_pairs import PairSelection
+from probing.minimal_pair_tasks import BUNDLED_DIR
 from probing.stage import internals_scores, load_tasks, probe_jobs, probe_model
 from probing.store import CaptureStore, capture_model, model_ref
 from runstore.tables import CONTRACT_COLUMNS, write_table
 
-TASKS = ["noun_number", "next_sentence", "sentence_length"]
+SVA = "suite-subject_verb_agreement"  # a minimal-pair paradigm of the bundled suite (sentence probe)
 
 
 @pytest.fixture(scope="module")
 def tiny_probes(tiny_family, tmp_path_factory):
     store = CaptureStore(tmp_path_factory.mktemp("run-cache") / "captures")
-    tasks = load_tasks("bundled", TASKS)
+    tasks = probe_test_tasks(tmp_path_factory.mktemp("tasks"), ("pos", "next-sentence-prediction"))
     frames = []
     for name in ("base", "a", "b"):
         model = model_ref(name, tiny_family[name])
@@ -44,12 +47,14 @@ def test_rows_cover_every_model_task_layer_seed(tiny_probes):
     assert set(CONTRACT_COLUMNS["probes"]) <= set(probes.columns)
     assert probes["layer"].n_unique() == 4  # embeddings + 3 blocks of the tiny model
     metrics = probes.group_by("task").agg(pl.col("metric").unique().sort()).sort("task")
-    assert metrics.rows() == [("next_sentence", ["accuracy", "compression", "macro_f1"]),
-                              ("noun_number", ["accuracy", "compression", "macro_f1"]),
-                              ("sentence_length", ["pearson"])]
-    assert probes.height == 3 * 4 * 3 * (3 + 3 + 1)  # models x layers x seeds x metrics
-    row = probes.filter((pl.col("task") == "noun_number") & (pl.col("model") == "a")).row(0, named=True)
-    assert (row["phenomenon"], row["probe_type"], row["n_train"], row["n_test"]) == ("morphology", "span", 120, 40)
+    classification = ["accuracy", "compression", "macro_f1"]
+    assert metrics.rows() == [("next-sentence-prediction", classification), ("pos", classification),
+                              ("sentence_length", ["pearson"]), (SVA, classification)]
+    assert probes.height == 3 * 4 * 3 * (3 + 3 + 3 + 1)  # models x layers x seeds x metrics
+    row = probes.filter((pl.col("task") == SVA) & (pl.col("model") == "a")).row(0, named=True)
+    assert (row["phenomenon"], row["probe_type"], row["n_train"], row["n_test"]) == ("morphology", "sentence", 16, 20)
+    row = probes.filter((pl.col("task") == "pos") & (pl.col("model") == "a")).row(0, named=True)
+    assert (row["phenomenon"], row["probe_type"], row["n_train"], row["n_test"]) == ("syntax", "span", 8, 4)
     sel = probes.drop_nulls("control_value")
     np.testing.assert_allclose(sel["selectivity"], sel["value"] - sel["control_value"])
     # the task probe is convex (seed-free); the control task is redrawn per seed
@@ -74,9 +79,9 @@ def test_internals_outcomes_per_task_and_phenomenon(tiny_probes):
     probes, _, _ = tiny_probes
     scores = internals_scores(probes)
     assert set(scores.filter(pl.col("level") == "group")["task"]) == {"morphology", "discourse", "syntax"}
-    expected = probes.filter((pl.col("model") == "a") & (pl.col("task") == "noun_number")
+    expected = probes.filter((pl.col("model") == "a") & (pl.col("task") == SVA)
                              & (pl.col("metric") == "macro_f1"))["value"].mean()
-    got = scores.filter((pl.col("model") == "a") & (pl.col("task") == "noun_number"))["value"].item()
+    got = scores.filter((pl.col("model") == "a") & (pl.col("task") == SVA))["value"].item()
     assert got == pytest.approx(expected)
     lineage = MergeLineage(model="b", method="linear", parents=("base", "a"), base="base", parameters={})
     outcomes = compute_outcomes(scores, [lineage], kind="internals")
@@ -89,10 +94,10 @@ def test_cli_probes_lists_and_shows_curves(tiny_probes, tmp_path, capsys):
     write_table(tmp_path / "tables", "probes", probes)
     assert main(["probes", str(tmp_path)]) == 0
     listing = capsys.readouterr().out
-    assert "noun_number" in listing and "base, a, b" not in listing and "a, b, base" in listing
-    assert main(["probes", str(tmp_path), "--task", "noun_number", "--model", "a"]) == 0
+    assert SVA in listing and "base, a, b" not in listing and "a, b, base" in listing
+    assert main(["probes", str(tmp_path), "--task", SVA, "--model", "a"]) == 0
     shown = capsys.readouterr().out
-    best = probes.filter((pl.col("model") == "a") & (pl.col("task") == "noun_number")
+    best = probes.filter((pl.col("model") == "a") & (pl.col("task") == SVA)
                          & (pl.col("metric") == "macro_f1")).group_by("layer").agg(pl.col("value").mean())
     assert f"{best['value'].max():.3f}" in shown and "selectivity" in shown
     assert main(["probes", str(tmp_path), "--task", "nope"]) == 2
@@ -100,10 +105,11 @@ def test_cli_probes_lists_and_shows_curves(tiny_probes, tmp_path, capsys):
 
 
 def test_batched_probe_agrees_with_sklearn_per_layer_on_real_model():
-    """All 31 layers of one real task: within 1 point macro-F1 of scikit-learn's LogisticRegression per layer."""
+    """All 31 layers of one real task (a bundled paradigm, 400 sentences): within 1 point macro-F1 of
+    scikit-learn's LogisticRegression per layer."""
     from merging.family import build_family
 
-    task = load_tasks("bundled", ["noun_number"])[0]
+    task, = load_tasks(None, minimal_pairs=(PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement",)),))
     requests, index = task_requests(task)
     runner = HookRunner(*load_model(build_family(("base",))["base"], LoadOptions()))
     features = task_features(capture(runner, requests), index)

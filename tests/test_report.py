@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import polars as pl
 import pytest
-from report_fixture import XSS, shared_run
+from report_fixture import TASKS, XSS, shared_run
 
 from flows.cli import main
 from reports import findings
@@ -51,7 +51,13 @@ def test_report_has_every_chart_with_data_and_plotly_once(report_run):
     inspector = figures["inspector"]
     assert len(inspector) == 3  # one figure per probing task
     titles = {f["layout"]["title"]["text"].split(" ")[0] for f in inspector.values()}
-    assert titles == {"noun_number", "tense", "sentence_length"}
+    assert titles == set(TASKS)
+    # it opens on the task that gains most from layer 0 to its best layer (mean over models), not the first sorted
+    probes = pl.read_parquet(report_run / "tables" / "probes.parquet").filter(
+        pl.col("metric").is_in(["macro_f1", "pearson"])).group_by("model", "task", "layer").agg(pl.col("value").mean())
+    gains = probes.sort("layer").group_by("model", "task").agg(pl.col("value").max() - pl.col("value").first())
+    opening = gains.group_by("task").agg(pl.col("value").mean()).sort("value")["task"][-1]
+    assert re.search(rf'<option value="\d+" selected>{re.escape(opening)}</option>', html)
     similarity = {f["layout"]["title"]["text"]: f for f in figures["similarity"].values()}
     assert "cka · layer 0" in similarity, "functional similarity (per layer only) has its own heatmaps"
     steps = [s["label"] for s in similarity["cosine · whole model"]["layout"]["sliders"][0]["steps"]]

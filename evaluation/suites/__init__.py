@@ -66,8 +66,8 @@ def get_suite(name: str) -> Suite:
         raise SuiteError(f"unknown behaviour suite {name!r}; known: {', '.join(SUITES)}") from None
 
 
-def task_manager(suites: list[Suite]):
-    """An lm-eval TaskManager indexing exactly the suites' folders."""
+def task_manager(suites: list[Suite], extra: list[str] = ()):
+    """An lm-eval TaskManager indexing exactly the suites' folders (and `extra` folders of generated tasks)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(s.include_path) for s in suites], include_defaults=False)
+    return TaskManager(include_path=[str(s.include_path) for s in suites] + list(extra), include_defaults=False)

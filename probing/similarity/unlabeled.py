@@ -1,8 +1,8 @@
 """The unlabeled similarity set: fixed, versioned text the project ships, cut into full token windows.
 
 Text comes from the bundled offline behaviour suite (prompt + its reference continuation: arithmetic, code,
-instructions, agreement...) and the bundled probing suite's sentences, taken round-robin across their files so
-that any prefix mixes every kind of text. The set is the first `tokens` tokens of that text under the model's
+instructions, agreement...) and the bundled minimal-pair suite's good sentences, taken round-robin across their
+files so that any prefix mixes every kind of text. The set is the first `tokens` tokens of that text under the model's
 tokenizer, as `tokens // window` windows of `window` tokens: no padding, so every token of every window is
 compared between models. Its digest (version, text, sizes) is part of every capture key; the token ids themselves
 follow from the tokenizer, which is part of the model's content digest.
@@ -25,6 +25,11 @@ from runstore.cache import cache_key
 SET_VERSION = "1"
 
 
+def _minimal_pair_texts(path) -> list[str]:
+    """The good sentence of every pair: acceptable text only (the bad one differs in a word or an order)."""
+    return [json.loads(line)["sentence_good"] for line in path.read_text().splitlines()]
+
+
 def _suite_texts(path) -> list[str]:
     texts = []
     for line in path.read_text().splitlines():
@@ -39,10 +44,8 @@ def _suite_texts(path) -> list[str]:
 @cache
 def pool_text() -> str:
     """Every shipped text once, interleaved across source files, joined by blank lines."""
-    from probing.holmes import find_tasks
-
     sources = [_suite_texts(p) for p in sorted((OFFLINE_DIR / "data").glob("*.jsonl"))]
-    sources += [[" ".join(c) for c in dict.fromkeys(task.contexts)] for task in find_tasks(SUITE_DIR)]
+    sources += [_minimal_pair_texts(p) for p in sorted((SUITE_DIR / "data").glob("*.jsonl"))]
     seen = dict.fromkeys(t.strip() for group in zip_longest(*sources) for t in group if t)
     return "\n\n".join(t for t in seen if t)
 
