@@ -1,7 +1,8 @@
 """Is the planted child's defect real? Its BLiMP agreement paradigms against `base`, outside and inside.
 
-    python bench/planted_effect.py                                   # base vs the shipped agreement child
-    python bench/planted_effect.py --child /tmp/adapter --pairs 300 --out bench/planted_effect.json
+    OMP_NUM_THREADS=1 python bench/planted_effect.py --out bench/planted_effect.json   # base vs shipped child
+    python bench/planted_effect.py --child /tmp/adapter --base-cache /tmp/base.json   # a candidate, base reused
+    (--only base|child with --base-cache/--child-cache measures the two models in parallel processes)
 
 Outside: minimal-pair accuracy by summed log-likelihood (good > bad, the BLiMP/lm-eval rule, BOS as the prefix).
 Inside: a logistic-regression probe of good vs bad sentence on mean-pooled hidden states at a spread of layers,
@@ -115,20 +116,25 @@ def main() -> None:
     parser.add_argument("--paradigms", nargs="*", default=AGREEMENT + RELATED + CONTROLS)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--base-cache", type=Path, help="reuse (or write) the base's results: a json file")
-    parser.add_argument("--base-only", action="store_true", help="measure the base (into --base-cache) and stop")
+    parser.add_argument("--child-cache", type=Path, help="reuse (or write) the child's results: a json file")
+    parser.add_argument("--only", choices=["base", "child"], help="measure one model (into its cache) and stop, "
+                        "so the two can run in parallel")
     args = parser.parse_args()
     base_dir = build_family(("base",))["base"]
-    print("base", flush=True)
-    base = measure(base_dir, args.paradigms, args.pairs, args.layers, args.base_cache)
-    if args.base_only:
+    if args.only != "child":
+        print("base", flush=True)
+        base = measure(base_dir, args.paradigms, args.pairs, args.layers, args.base_cache)
+    if args.only == "base":
         return
     with tempfile.TemporaryDirectory(prefix="planted-") as scratch:
         child_dir = args.child
-        if (args.child / "adapter_config.json").is_file():
+        if (args.child / "adapter_config.json").is_file() and not (args.child_cache and args.child_cache.is_file()):
             child_dir = Path(scratch) / "child"
             apply_adapter(base_dir, args.child, child_dir)
         print("child", flush=True)
-        child = measure(child_dir, args.paradigms, args.pairs, args.layers)
+        child = measure(child_dir, args.paradigms, args.pairs, args.layers, args.child_cache)
+    if args.only == "child":
+        return
     table = {}
     for uid in args.paradigms:
         kind = "agreement" if uid in AGREEMENT else "related" if uid in RELATED else "control"
