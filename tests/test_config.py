@@ -14,6 +14,7 @@ from flows.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "configs" / "smollm2.yaml"
+GROUPS = len(yaml.safe_load(SMOLLM2.read_text())["merges"]["parents"])  # a group appended below gets this index
 
 
 def write_variant(tmp_path: Path, edit) -> Path:
@@ -68,15 +69,15 @@ CASES = {
     "negative weight": (lambda d: _set_method(d, "task_arithmetic", weight=-3), ["weight=-3", "[0.0, 2.0]"]),
     "unknown parameter": (lambda d: _set_method(d, "linear", gamma=0.1), ["gamma", "unknown parameter"]),
     "missing parent": (lambda d: d["merges"]["parents"].append(["instruct", "poetry"]),
-                       ["merges.parents[2]", "'poetry'"]),
+                       [f"merges.parents[{GROUPS}]", "'poetry'"]),
     "missing base": (lambda d: d.update(base="foundation"), ["base", "'foundation'"]),
     "duplicate model names": (lambda d: d["models"].append({"name": "math", "source": "embedded:math"}),
                               ["duplicate model name 'math'"]),
-    "duplicate merge names": (lambda d: d["merges"]["methods"].append({"method": "linear"}),
+    "duplicate merge names": (lambda d: d["merges"]["methods"].extend([{"method": "linear"}] * 2),
                               ["duplicate model names */linear"]),
     "slerp with three parents": (lambda d: (d["merges"]["parents"].append(["instruct", "math", "code"]),
                                             _set_method(d, "slerp", t=0.5)),
-                                 ["slerp", "exactly 2 parents", "merges.parents[2] has 3"]),
+                                 ["slerp", "exactly 2 parents", f"merges.parents[{GROUPS}] has 3"]),
     "unknown top-level key": (lambda d: d.update(modles=[]), ["modles", "unknown key"]),
     "a renamed key": (lambda d: d["probing"].update(batch_size=32),
                       ["probing.batch_size: unknown key (renamed: use probing.batch_tokens"]),
