@@ -70,7 +70,9 @@ class MethodSpec(Strict):
 
 
 class MergeSpec(Strict):
-    """Every parent group merged by every method: `instruct+math/slerp`, ..."""
+    """Every parent group merged by every method: `instruct+math/slerp`, ... (`merges` is one such block, or a
+    list of them when different parent groups need different methods: a dose-response sweep on one pair beside
+    one method over many pairs)."""
 
     parents: list[Annotated[list[str], Field(min_length=2)]] = Field(default_factory=list)
     methods: list[MethodSpec] = Field(default_factory=list)
@@ -192,6 +194,22 @@ class OrchestrationSpec(Strict):
         return self
 
 
+class KnownEffect(Strict):
+    """An effect planted on purpose: the findings open by saying whether the run found it."""
+
+    model: str
+    tasks: list[str] = Field(default_factory=list)  # probing/behaviour task names (the same string inside and out)
+    phenomena: list[str] = Field(default_factory=list)
+    direction: Literal["worse", "better"] = "worse"
+    layers: tuple[int, int] | None = None  # expected first..last layer of the loss inside
+
+    @model_validator(mode="after")
+    def _names_something(self) -> KnownEffect:
+        if not self.tasks and not self.phenomena:
+            raise ValueError(f"known effect of {self.model!r} names no tasks and no phenomena")
+        return self
+
+
 class ExperimentConfig(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     description: str = ""
@@ -202,13 +220,15 @@ class ExperimentConfig(Strict):
     allow_pickle: bool = False  # safetensors only unless a config opts in
     models: Annotated[list[ModelSpec], Field(min_length=1)]
     base: str
-    merges: MergeSpec = Field(default_factory=MergeSpec)
+    merges: MergeSpec | list[MergeSpec] = Field(default_factory=MergeSpec)
     behavior: BehaviorSpec = Field(default_factory=BehaviorSpec)
     # scored inside (probes, every layer) and outside (lm-eval log-likelihood) on the same sentences
     minimal_pairs: list[MinimalPairSpec] = Field(default_factory=lambda: [MinimalPairSpec(source="bundled")])
     probing: ProbingSpec = Field(default_factory=ProbingSpec)
     similarity: SimilaritySpec = Field(default_factory=SimilaritySpec)
     orchestration: OrchestrationSpec = Field(default_factory=OrchestrationSpec)
+    # effects planted on purpose (the known answer the findings report first; reports.known)
+    known_effects: list[KnownEffect] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> ExperimentConfig:
@@ -218,8 +238,16 @@ class ExperimentConfig(Strict):
         return self
 
     @property
+    def merge_blocks(self) -> list[MergeSpec]:
+        return self.merges if isinstance(self.merges, list) else [self.merges]
+
+    def merge_specs(self) -> list[tuple[list[str], MethodSpec]]:
+        """(parent group, method) of every merge, in config order."""
+        return [(group, method) for block in self.merge_blocks for group in block.parents for method in block.methods]
+
+    @property
     def merge_names(self) -> list[str]:
-        return [merge_name(group, m.suffix) for group in self.merges.parents for m in self.merges.methods]
+        return [merge_name(group, method.suffix) for group, method in self.merge_specs()]
 
     @property
     def model_names(self) -> list[str]:
@@ -254,9 +282,6 @@ def reference_problems(data: dict) -> list[str]:
         return value if isinstance(value, str) else None
 
     models = [text(m.get("name")) for m in entries(data.get("models")) if isinstance(m, dict)]
-    merges = data.get("merges") if isinstance(data.get("merges"), dict) else {}
-    groups = [g for g in entries(merges.get("parents")) if isinstance(g, list)]
-    methods = [m for m in entries(merges.get("methods")) if isinstance(m, dict)]
     problems = [f"models: duplicate model name {name!r}" for name in _duplicates(models) if name is not None]
     sources = [m for m in entries(data.get("minimal_pairs")) if isinstance(m, dict) and text(m.get("source"))]
     names = [text(m.get("name")) or ("suite" if m["source"] == "bundled" else "blimp") for m in sources]
@@ -264,19 +289,41 @@ def reference_problems(data: dict) -> list[str]:
                  for name in _duplicates(names)]
     if "base" in data and data["base"] not in models:
         problems.append(f"base: {data['base']!r} is not one of the models ({', '.join(map(str, models))})")
+    raw_merges = data.get("merges")
+    blocks = [("merges", raw_merges)] if isinstance(raw_merges, dict) else \
+        [(f"merges[{k}]", block) for k, block in enumerate(entries(raw_merges)) if isinstance(block, dict)]
+    merge_models = []
+    for where, block in blocks:
+        groups = [g for g in entries(block.get("parents")) if isinstance(g, list)]
+        methods = [m for m in entries(block.get("methods")) if isinstance(m, dict)]
+        problems += _merge_block_problems(where, groups, methods, models)
+        suffixes = [text(m.get("label")) or text(m.get("method")) for m in methods]
+        merge_models += sorted({merge_name(list(map(str, g)), s) for g in groups for s in suffixes if s is not None})
+    problems += [f"merges: the merge {name!r} is configured in two blocks: give one a distinct label"
+                 for name in _duplicates(merge_models)]
+    known = set(models) | set(merge_models)
+    for i, effect in enumerate(entries(data.get("known_effects"))):
+        if isinstance(effect, dict) and text(effect.get("model")) and effect["model"] not in known:
+            problems.append(f"known_effects[{i}].model: {effect['model']!r} is not one of the models or merges")
+    return problems
+
+
+def _merge_block_problems(where: str, groups: list[list], methods: list[dict], models: list[str | None]) -> list[str]:
+    """Dangling or repeated parents, duplicate labels and slerp-style arity within one `merges` block."""
+    problems = []
     for i, group in enumerate(groups):
-        problems += [f"merges.parents[{i}]: {p!r} is not one of the models" for p in group if p not in models]
+        problems += [f"{where}.parents[{i}]: {p!r} is not one of the models" for p in group if p not in models]
         if len(set(map(str, group))) != len(group):
-            problems.append(f"merges.parents[{i}]: a parent is listed twice in {group}")
-    suffixes = [text(m.get("label")) or text(m.get("method")) for m in methods]
-    problems += [f"merges.methods: duplicate model names */{s}: give each a distinct label"
-                 for s in _duplicates(suffixes) if s is not None]
+            problems.append(f"{where}.parents[{i}]: a parent is listed twice in {group}")
+    suffixes = [m.get("label") or m.get("method") for m in methods]
+    problems += [f"{where}.methods: duplicate model names */{s}: give each a distinct label"
+                 for s in _duplicates(suffixes) if isinstance(s, str)]
     for i, spec in enumerate(methods):
-        method = METHODS.get(text(spec.get("method")))
+        method = METHODS.get(spec.get("method")) if isinstance(spec.get("method"), str) else None
         for j, group in enumerate(groups):
             if method and method.exactly_two and len(group) != 2:
-                problems.append(f"merges.methods[{i}] ({method.name}): needs exactly 2 parents, "
-                                f"merges.parents[{j}] has {len(group)}")
+                problems.append(f"{where}.methods[{i}] ({method.name}): needs exactly 2 parents, "
+                                f"{where}.parents[{j}] has {len(group)}")
     return problems
 
 

@@ -41,7 +41,7 @@ from runstore.tables import read_table, replace_rows, write_table
 def merge_lineages(config: ExperimentConfig) -> list[MergeLineage]:
     return [MergeLineage(model=merge_name(group, spec.suffix), method=spec.method, parents=tuple(group),
                          base=config.base, parameters=dict(spec.parameters))
-            for group in config.merges.parents for spec in config.merges.methods]
+            for group, spec in config.merge_specs()]
 
 
 def load_options(config: ExperimentConfig) -> LoadOptions:
