@@ -85,6 +85,12 @@ def required_items(discordance: float, delta: float = DELTA) -> int:
     return math.ceil((z * math.sqrt(max(discordance - delta ** 2, 0.0)) / delta) ** 2)
 
 
+def resolvable_delta(discordance: float, n: int) -> float:
+    """The smallest accuracy difference n paired items resolve at ALPHA, POWER: `required_items` solved for delta."""
+    z = norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER)
+    return z * math.sqrt(discordance / (n + z ** 2))
+
+
 def layer0_embedder(model, tokenizer) -> Embed:
     """Mean token embedding of each sentence under the model's input embeddings: what layer 0 holds."""
     matrix = model.get_input_embeddings().weight.detach().float()
