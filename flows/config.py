@@ -220,7 +220,7 @@ class ExperimentConfig(Strict):
     allow_pickle: bool = False  # safetensors only unless a config opts in
     models: Annotated[list[ModelSpec], Field(min_length=1)]
     base: str
-    merges: MergeSpec | list[MergeSpec] = Field(default_factory=MergeSpec)
+    merges: list[MergeSpec] = Field(default_factory=list)  # a single block may be written without the list
     behavior: BehaviorSpec = Field(default_factory=BehaviorSpec)
     # scored inside (probes, every layer) and outside (lm-eval log-likelihood) on the same sentences
     minimal_pairs: list[MinimalPairSpec] = Field(default_factory=lambda: [MinimalPairSpec(source="bundled")])
@@ -230,6 +230,11 @@ class ExperimentConfig(Strict):
     # effects planted on purpose (the known answer the findings report first; reports.known)
     known_effects: list[KnownEffect] = Field(default_factory=list)
 
+    @field_validator("merges", mode="before")
+    @classmethod
+    def _one_block_or_several(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _references(self) -> ExperimentConfig:
         problems = reference_problems(self.model_dump())
@@ -237,13 +242,9 @@ class ExperimentConfig(Strict):
             raise ValueError("\n".join(problems))
         return self
 
-    @property
-    def merge_blocks(self) -> list[MergeSpec]:
-        return self.merges if isinstance(self.merges, list) else [self.merges]
-
     def merge_specs(self) -> list[tuple[list[str], MethodSpec]]:
         """(parent group, method) of every merge, in config order."""
-        return [(group, method) for block in self.merge_blocks for group in block.parents for method in block.methods]
+        return [(group, method) for block in self.merges for group in block.parents for method in block.methods]
 
     @property
     def merge_names(self) -> list[str]:
@@ -374,8 +375,11 @@ RENAMED_KEYS = {"probing.batch_size": "probing.batch_tokens, a token budget per 
 
 def _problems(error: ValidationError, data: object) -> list[str]:
     problems = []
+    one_block = isinstance(data, dict) and isinstance(data.get("merges"), dict)
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+        if one_block and loc[:2] == ("merges", 0):  # named as written: `merges.methods[0]`, not `merges[0]...`
+            loc = ("merges", *loc[2:])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             renamed = RENAMED_KEYS.get(_location(loc))

@@ -14,7 +14,12 @@ from flows.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "configs" / "smollm2.yaml"
-GROUPS = len(yaml.safe_load(SMOLLM2.read_text())["merges"]["parents"])  # a group appended below gets this index
+# The variants below edit the demo's first merge block (the dose-response sweep); a group appended to it gets index GROUPS.
+GROUPS = len(yaml.safe_load(SMOLLM2.read_text())["merges"][0]["parents"])
+
+
+def first_block(data: dict) -> dict:
+    return data["merges"] if isinstance(data["merges"], dict) else data["merges"][0]
 
 
 def write_variant(tmp_path: Path, edit) -> Path:
@@ -55,29 +60,35 @@ def test_qwen_config_is_the_paper_setup():
     assert sources["base"] == "Qwen/Qwen2.5-7B"
     assert {sources["instruct"], sources["math"], sources["code"]} == {
         "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B", "Qwen/Qwen2.5-Coder-7B"}
-    assert [m.method for m in config.merges.methods] == ["linear", "slerp", "task_arithmetic", "ties", "dare_ties"]
+    assert [m.method for m in config.merges[0].methods] == ["linear", "slerp", "task_arithmetic", "ties", "dare_ties"]
     assert "instruct+math/slerp" in config.merge_names and "instruct+code/dare_ties" in config.merge_names
 
 
 def _set_method(data, method, **params):
-    data["merges"]["methods"] = [{"method": method, "parameters": params}]
+    first_block(data)["methods"] = [{"method": method, "parameters": params}]
 
 
 CASES = {
-    "unknown method": (lambda d: _set_method(d, "frankenmerge"), ["merges.methods[0].method", "frankenmerge"]),
+    "unknown method": (lambda d: _set_method(d, "frankenmerge"), ["merges[0].methods[0].method", "frankenmerge"]),
     "density out of range": (lambda d: _set_method(d, "ties", density=1.5), ["density=1.5", "[0.0, 1.0]"]),
     "negative weight": (lambda d: _set_method(d, "task_arithmetic", weight=-3), ["weight=-3", "[0.0, 2.0]"]),
     "unknown parameter": (lambda d: _set_method(d, "linear", gamma=0.1), ["gamma", "unknown parameter"]),
-    "missing parent": (lambda d: d["merges"]["parents"].append(["instruct", "poetry"]),
-                       [f"merges.parents[{GROUPS}]", "'poetry'"]),
+    "missing parent": (lambda d: first_block(d)["parents"].append(["instruct", "poetry"]),
+                       [f"merges[0].parents[{GROUPS}]", "'poetry'"]),
     "missing base": (lambda d: d.update(base="foundation"), ["base", "'foundation'"]),
     "duplicate model names": (lambda d: d["models"].append({"name": "math", "source": "embedded:math"}),
                               ["duplicate model name 'math'"]),
-    "duplicate merge names": (lambda d: d["merges"]["methods"].extend([{"method": "linear"}] * 2),
+    "duplicate merge names": (lambda d: first_block(d)["methods"].extend([{"method": "linear"}] * 2),
                               ["duplicate model names */linear"]),
-    "slerp with three parents": (lambda d: (d["merges"]["parents"].append(["instruct", "math", "code"]),
+    "one merge in two blocks": (lambda d: d["merges"].append(d["merges"][1]),
+                                ["the merge 'instruct+math/linear' is configured in two blocks"]),
+    "a single block needs no list": (lambda d: (d.update(merges=d["merges"][1]), _set_method(d, "franken")),
+                                     ["merges.methods[0].method: unknown merge method 'franken'"]),
+    "known effect of an unknown model": (lambda d: d["known_effects"][0].update(model="ghost"),
+                                         ["known_effects[0].model: 'ghost' is not one of the models or merges"]),
+    "slerp with three parents": (lambda d: (first_block(d)["parents"].append(["instruct", "math", "code"]),
                                             _set_method(d, "slerp", t=0.5)),
-                                 ["slerp", "exactly 2 parents", f"merges.parents[{GROUPS}] has 3"]),
+                                 ["slerp", "exactly 2 parents", f"merges[0].parents[{GROUPS}] has 3"]),
     "unknown top-level key": (lambda d: d.update(modles=[]), ["modles", "unknown key"]),
     "a renamed key": (lambda d: d["probing"].update(batch_size=32),
                       ["probing.batch_size: unknown key (renamed: use probing.batch_tokens"]),
@@ -101,7 +112,7 @@ def test_bad_config_names_field_and_value(case, tmp_path, capsys):
 def test_several_problems_give_one_line_each(tmp_path, capsys):
     def edit(data):
         data["base"] = "nowhere"
-        data["merges"]["methods"] = [{"method": "ties", "parameters": {"density": 1.5}}]
+        first_block(data)["methods"] = [{"method": "ties", "parameters": {"density": 1.5}}]
         data["extra_key"] = 1
 
     code, lines = validate(write_variant(tmp_path, edit), capsys)
