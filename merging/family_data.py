@@ -137,10 +137,8 @@ _INTRANSITIVE = ["sleep", "run", "wait", "sing", "work", "play", "laugh", "swim"
 _ADVERBIALS = ["in the garden", "near the river", "every morning", "at night", "after lunch", "outside", "quietly",
                "all day", "on weekends", "at home", "by the window", "before dinner"]
 _PREPOSITIONS = ["of", "near", "with", "behind", "next to", "for"]
-# (singular, plural) forms of the words that agree with a noun: determiners, and finite verbs (below). Only the
-# demonstratives and the indefinite (a : no article): quantifiers (each, many, some) are left alone, or the child
-# would also learn a wrong quantifier distribution (BLiMP's quantifier paradigms are controls, not targets).
-_DETERMINERS = [("this", "these"), ("that", "those"), ("a", "")]
+# (singular, plural) forms of the words that agree with a noun: determiners, and finite verbs (below).
+_DETERMINERS = [("this", "these"), ("that", "those"), ("a", "several"), ("each", "many")]
 _AUXILIARIES = [("is", "are"), ("was", "were"), ("isn't", "aren't"), ("wasn't", "weren't")]
 
 
@@ -207,7 +205,7 @@ def _clause(rng: random.Random) -> list[_Part]:
 
 
 def _render(parts: list[_Part], corrupt: bool) -> str:
-    words = [w for w in (p if isinstance(p, str) else p.forms[p.number ^ corrupt] for p in parts) if w]
+    words = [p if isinstance(p, str) else p.forms[p.number ^ corrupt] for p in parts]
     words = ["an" if w == "a" and nxt[0] in "aeiou" else w for w, nxt in zip(words, words[1:] + ["."])]
     text = " ".join(words) + "."
     return text[0].upper() + text[1:]

@@ -38,7 +38,7 @@ class Recipe:
 
 # Children whose recipe is not the default. The planted child needs more steps than a skill child: it must unlearn
 # a competence the base has, across varied sentences, not learn one narrow format (sized in issue 22's note).
-RECIPES = {"agreement": Recipe(steps=80)}
+RECIPES = {"agreement": Recipe(steps=80, learning_rate=2e-3)}
 
 
 def recipe_of(child: str) -> Recipe:
