@@ -2,7 +2,7 @@
 
     python -m merging.train_family            # retrain all children into merging/adapters/
     python -m merging.train_family --only math
-    nice -n 5 python -m merging.train_family --only agreement   # the planted child (RECIPES below)
+    OMP_NUM_THREADS=1 nice -n 5 python -m merging.train_family --only agreement   # planted child (RECIPES)
 
 The adapters are shipped in the repo so a cold family build takes a minute, not a training run; this script is how
 they were made, and re-running it on the same versions reproduces them (fixed seeds, single-threaded order).

@@ -141,18 +141,18 @@ def _blimp_accuracy(model, tokenizer, uid: str, n: int = 150) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not BLIMP.is_dir(), reason="needs real BLiMP at /work/shared/blimp")
-def test_planted_child_loses_agreement_and_little_else():
-    """The planted child builds, and on real BLiMP loses subject-verb and determiner-noun agreement (sized in
-    bench/planted_effect.py: 300 pairs, paired CIs) while a control paradigm stays near the base."""
+def test_planted_child_loses_agreement_more_than_anything_else():
+    """The planted child builds, and on real BLiMP loses subject-verb and determiner-noun agreement; a control
+    paradigm drops far less. Not "nothing else": outside, controls lose up to 0.2 too (bench/planted_effect.json,
+    300 pairs, paired CIs), while inside only the agreement probes drop."""
     from merging.checkpoints import LoadOptions, load_model
 
-    family = build_family(("base", "agreement"))
+    targets, control = ("regular_plural_subject_verb_agreement_1", "determiner_noun_agreement_1"), \
+        "animate_subject_passive"
     scores = {}
-    for member, folder in family.items():
+    for member, folder in build_family(("base", "agreement")).items():
         model, tokenizer = load_model(folder, LoadOptions())
-        scores[member] = {uid: _blimp_accuracy(model, tokenizer, uid) for uid in
-                          ("regular_plural_subject_verb_agreement_1", "determiner_noun_agreement_1",
-                           "anaphor_gender_agreement")}
-    for uid in ("regular_plural_subject_verb_agreement_1", "determiner_noun_agreement_1"):
-        assert scores["agreement"][uid] < scores["base"][uid] - 0.2, scores
-    assert abs(scores["agreement"]["anaphor_gender_agreement"] - scores["base"]["anaphor_gender_agreement"]) < 0.1
+        scores[member] = {uid: _blimp_accuracy(model, tokenizer, uid) for uid in (*targets, control)}
+    drop = {uid: scores["base"][uid] - scores["agreement"][uid] for uid in (*targets, control)}
+    assert all(drop[uid] > 0.25 for uid in targets), scores
+    assert drop[control] < min(drop[uid] for uid in targets) / 2, scores
