@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from probing.suite_checks import (DELTA, SOLVED, Embed, context_scores, forward, held_out_correct, items,
-                                  layer0_embedder, minimal_pair_correct, required_items, resolvable_delta,
-                                  solved_by_tokens)
+                                  layer0_embedder, minimal_pair_correct, pair_sentences, required_items,
+                                  resolvable_delta, solved_by_tokens)
 from probing.suite_paradigms import PARADIGMS, Paradigm, Pair
 from runstore.cache import cache_key
 from runstore.atomic import atomic_write_text
@@ -194,7 +194,7 @@ def calibrate(suite: dict[str, list[dict]], blimp: dict[str, list[dict]], folder
     model, tokenizer = _load(folder)
 
     def accuracy(records: list[dict]) -> float:
-        return float(minimal_pair_correct(forward(model, tokenizer, items(records)[0])[0]).mean())
+        return float(minimal_pair_correct(forward(model, tokenizer, pair_sentences(records))[0]).mean())
 
     rows = {}
     for paradigm in PARADIGMS:
@@ -267,7 +267,7 @@ def _power_lines(suite: dict[str, list[dict]], power: dict | None) -> list[str]:
     a, b = power["models"]
     rows = [[uid, _num(r["probe_d"]), required_items(r["probe_d"]), _num(r[f"probe_acc_{a}"]),
              _num(r[f"probe_acc_{b}"]), _num(r["pairs_d"]), _num(r[f"pairs_acc_{a}"]), _num(r[f"pairs_acc_{b}"])]
-            for uid, r in power["paradigms"].items()]
+            for uid in (p.uid for p in PARADIGMS) if (r := power["paradigms"].get(uid))]
     median, required = power["median_d"], power["required"]
     test_sentences = int(np.median([split_sizes(records)["test"] for records in suite.values()]))
     pairs = int(np.median([len(records) for records in suite.values()]))
@@ -293,8 +293,8 @@ def _calibration_lines(calibration: dict) -> list[str]:
              "from that path, never copied).", ""]
     if not calibration:
         return lines + ["Not computed for this data yet."]
-    rows = [[uid, _num(r["suite"]), blimp, _num(accuracy)] for uid, r in calibration.items()
-            for blimp, accuracy in r["blimp"].items()]
+    rows = [[p.uid, _num(calibration[p.uid]["suite"]), blimp, _num(calibration[p.uid]["blimp"][blimp])]
+            for p in PARADIGMS if p.uid in calibration for blimp in p.blimp]
     return lines + _table(["bundled paradigm", "base acc (ours)", "BLiMP paradigm", "base acc (BLiMP)"], rows)
 
 

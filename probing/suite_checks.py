@@ -35,9 +35,14 @@ DELTA, ALPHA, POWER = 0.05, 0.05, 0.8
 Embed = Callable[[Sequence[str]], np.ndarray]  # sentences -> [n, d] features
 
 
+def pair_sentences(records: list[dict]) -> list[str]:
+    """Good then bad sentence of each pair (any minimal-pair file, BLiMP's too)."""
+    return [s for r in records for s in (r["sentence_good"], r["sentence_bad"])]
+
+
 def items(records: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """Sentences (good then bad of each pair), labels (1 = good), splits, and the pair group each belongs to."""
-    sentences = [s for r in records for s in (r["sentence_good"], r["sentence_bad"])]
+    sentences = pair_sentences(records)
     labels = np.tile([1, 0], len(records))
     splits = np.repeat([r["split"] for r in records], 2)
     groups = np.repeat([int(r["pairID"]) for r in records], 2)

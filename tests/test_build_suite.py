@@ -8,12 +8,13 @@ import math
 import re
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from probing.build_suite import (PAIRS, SUITE_DIR, SuiteError, generate, generate_suite, main, prove_context, readme,
-                                 write_data)
+from probing.build_suite import (CALIBRATION_PAIRS, PAIRS, SUITE_DIR, SuiteError, generate, generate_suite, main,
+                                 prove_context, read_blimp, readme, write_data)
 from probing.suite_checks import SOLVED, context_scores, layer0_embedder, required_items
 from probing.suite_paradigms import PARADIGMS, Pair, Paradigm
 from probing.similarity.unlabeled import pool_text
@@ -143,3 +144,15 @@ def test_committed_proofs_hold_on_the_real_base_model():
         if suite[uid][0]["lexically_identical"]:
             assert s["layer0"] == s["bow"] == 0.5, uid
     assert (SUITE_DIR / "README.md").read_text() == readme(suite, proofs)
+
+
+def test_calibration_reads_blimp_counterparts_from_a_path(tmp_path):
+    """The real BLiMP files (../shared/blimp, never copied into the repo): every counterpart named exists."""
+    blimp = Path(__file__).resolve().parents[1].parent / "shared" / "blimp"
+    counterparts = read_blimp(blimp)
+    assert set(counterparts) == {u for p in PARADIGMS for u in p.blimp} and len(counterparts) >= 5
+    for uid, records in counterparts.items():
+        assert len(records) == CALIBRATION_PAIRS and {r["UID"] for r in records} == {uid}
+    with pytest.raises(SuiteError, match=r"--calibrate: .*/data/regular_plural_subject_verb_agreement_1\.jsonl not "
+                                         r"found"):
+        read_blimp(tmp_path)
