@@ -31,7 +31,7 @@ METHODS = [{"method": "linear", "parameters": {"weight": 0.5}},
            {"method": "dare_ties", "parameters": {"weight": 1.0, "density": 0.5}}]
 TABLES = ["behavior", "behavior_items", "probes", "probe_items", "similarity", "outcomes", "correlations"]
 # Stages over the whole run, one ledger line each (model "*"); every other stage reports per model or pair.
-WHOLE_RUN = ["preflight", "behavior_outcomes", "internals_outcomes", "correlations", "report"]
+WHOLE_RUN = ["preflight", "behavior_outcomes", "internals_outcomes", "correlations", "changes", "report"]
 
 
 def write_config(folder: Path, family: dict[str, Path], methods: list[dict]) -> Path:
