@@ -121,7 +121,7 @@ def _git_hash_without_git() -> None:
 
 
 def _cache_entry(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> Path:
-    return Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder))}.json"
+    return Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder, cache_dir))}.json"
 
 
 def _load_json(path: Path) -> dict:
