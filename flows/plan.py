@@ -31,6 +31,11 @@ MERGEKIT_SHARD_BYTES = 5e9  # mergekit's default out_shard_size: a shard is held
 # and imports, Prefect's temporary server and shutdown; lm-eval's and mergekit's first import in the process; the
 # tables, outcomes, correlations and report, which grow with the models but stay seconds.
 STARTUP_S, LM_EVAL_IMPORT_S, MERGEKIT_IMPORT_S, TABLES_S_PER_MODEL = 20.0, 10.0, 6.0, 2.0
+# Probe fits run on the CPU whatever the device: seconds per (layer x item² x (feature width + items)) for three
+# seeds, from bench/results.json's probes row (25 bundled tasks, 31 layers, ~150 items, width 576: 0.23 s a task).
+# Not calibrated on random features: the solver converges 30-60x slower on them than on real residual streams.
+PROBE_SECONDS_PER_UNIT = 4.5e-10
+CALIBRATION_S = 5.0  # forward passes of the calibration model, at least
 
 
 class PlanError(UserError):
@@ -100,13 +105,12 @@ class Work:
 
 @dataclass(frozen=True)
 class Rates:
-    """This machine's speeds: forward FLOP/s at the run's precision, bytes/s writing and reading a checkpoint,
-    seconds per probe fit of each task shape (n items, width); and `baseline`, the anonymous memory of a process
-    that has imported the run's libraries (the plan's own, measured after it imported them)."""
+    """This machine's speeds: forward FLOP/s at the run's precision, bytes/s writing and reading a checkpoint; and
+    `baseline`, the anonymous memory of a process that has imported the run's libraries (the plan's own, measured
+    after it imported them)."""
 
     flops: float
     io: float
-    probe: dict[tuple[int, int], float]
     source: str
     baseline: float = 0.0
 
@@ -202,17 +206,15 @@ def job_work(job, shape: Shape, tokenizer) -> dict:
 def behaviour_requests(config: ExperimentConfig, tokenizer) -> tuple[list[int], int, list[str]]:
     """(lengths of every loglikelihood forward, tokens to generate, notes) of the config's lm-eval tasks, built
     by lm-eval's own task loaders with the config's limit."""
-    from lm_eval.tasks import get_task_dict
-
     from evaluation.suites import get_suite, task_manager
 
     suites = [get_suite(name) for name in config.behavior.suites]
     lengths, generated, notes = [], 0, []
     try:
-        tasks = get_task_dict([t for s in suites for t in s.tasks], task_manager(suites))
+        tasks = task_manager(suites).load([t for s in suites for t in s.tasks])["tasks"]
     except Exception as error:  # noqa: BLE001 - a suite whose data needs the dataset hub: sized as unknown
         return [], 0, [f"behaviour not sized: its tasks cannot be built here ({type(error).__name__})"]
-    for task in _leaves(tasks):
+    for task in tasks.values():
         task.build_all_requests(limit=config.behavior.limit, rank=0, world_size=1)
         for instance in task.instances:
             context = instance.args[0]
@@ -225,13 +227,6 @@ def behaviour_requests(config: ExperimentConfig, tokenizer) -> tuple[list[int], 
     if generated:
         notes.append(f"behaviour generates up to {generated:,} tokens per model (max_gen_toks; stops earlier)")
     return lengths, generated, notes
-
-
-def _leaves(tasks: dict) -> list:
-    out = []
-    for value in tasks.values():
-        out += _leaves(value) if isinstance(value, dict) else [value]
-    return out
 
 
 def padded(lengths: list[int], batch_size: int) -> tuple[int, float, int]:
@@ -253,29 +248,26 @@ def _device(config: ExperimentConfig) -> str:
     return load_options(config).torch_device
 
 
-def calibrate(config: ExperimentConfig, base: dict, tasks, device_rate: float | None = None) -> Rates:
+def calibrate(config: ExperimentConfig, base: dict, device_rate: float | None = None) -> Rates:
     """This machine's rates, measured in seconds: a forward pass of a random two-block model of the base's shape
-    (vocab cut to 8,192) at the run's precision on its device, best of 3; a checkpoint-sized file written and read;
-    one probe fit per task shape on random features. `device_rate` replaces the measured FLOP/s."""
+    (`forward_rate`; `device_rate` replaces it), and a 128 MiB safetensors file written and read back."""
     import tempfile
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from safetensors.torch import load_file, save_file
 
     from flows.pipeline import load_options
 
     options = load_options(config)
     measured = device_rate or forward_rate(config, base, options)
     with tempfile.TemporaryDirectory() as scratch:
-        from safetensors.torch import load_file, save_file
-
         path = Path(scratch) / "w.safetensors"
         tensor = torch.zeros(32 << 20, dtype=torch.float32)  # 128 MiB
         started = time.perf_counter()
         save_file({"w": tensor}, str(path))
         load_file(str(path))["w"].sum()
         io = 2 * tensor.numel() * 4 / (time.perf_counter() - started)
-    return Rates(measured, io, probe_seconds(config, base, tasks),
+    return Rates(measured, io,
                  f"stated {device_rate:.3g} FLOP/s" if device_rate else
                  f"measured {measured / 1e9:.1f} GFLOP/s on {options.torch_device} ({config.precision})",
                  anonymous_memory())
@@ -283,7 +275,7 @@ def calibrate(config: ExperimentConfig, base: dict, tasks, device_rate: float | 
 
 def forward_rate(config: ExperimentConfig, base: dict, options) -> float:
     """FLOP/s of a forward pass of a random two-block model of the base's shape (vocab cut to 8,192) at the run's
-    precision on its device, over one capture batch (`probing.batch_tokens` in windows of 128), best of 3."""
+    precision on its device, over one capture batch (`probing.batch_tokens` in windows of 128)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -296,14 +288,17 @@ def forward_rate(config: ExperimentConfig, base: dict, options) -> float:
     model = AutoModelForCausalLM.from_config(cfg).to(options.torch_device, options.dtype).eval()
     rows, width = max(1, config.probing.batch_tokens // 128), 128
     ids = torch.randint(0, cfg.vocab_size, (rows, width), device=options.torch_device)
-    best = float("inf")
+    best, times = float("inf"), []
     with torch.inference_mode():
-        for _ in range(4):  # the first is a warm-up
+        # the first pass is a warm-up; then the best pass of ~5 s: on a shared machine a short dip in load must not
+        # set the rate of a run that lasts minutes (the best pass is the machine's own speed)
+        while len(times) < 4 or (sum(times) < CALIBRATION_S and len(times) < 100):
             started = time.perf_counter()
             model(input_ids=ids)
             if options.torch_device == "cuda":
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - started)
+            times.append(time.perf_counter() - started)
+            best = min(times[1:] or times)
     return Shape.from_config(small).flops(rows * width, rows * width * (width + 1) / 2, True) / best
 
 
@@ -314,34 +309,6 @@ def anonymous_memory() -> float:
 
     info = psutil.Process().memory_info()
     return float(info.rss - info.shared)
-
-
-def probe_seconds(config: ExperimentConfig, base: dict, tasks) -> dict[tuple[int, int], float]:
-    """Seconds of one probe fit (every layer, the config's seeds and controls) per distinct task shape, on features
-    shaped like a residual stream's (a few dominant directions, one carrying the label, plus noise: random
-    isotropic features make Newton take many more steps than real ones), after one warm-up fit."""
-    import numpy as np
-    import torch
-
-    from probing.capture import probe_inputs
-    from probing.stage import probe_task
-
-    layers, spec, out = base["num_hidden_layers"] + 1, config.probing, {}
-    generator = torch.Generator().manual_seed(0)
-    for warm_up, task in [(True, tasks[0])] + [(False, task) for task in tasks] if tasks else []:
-        _, index = probe_inputs(task, spec.pooling, spec.max_length)
-        key = (len(index), index.shape[1] * base["hidden_size"])
-        if key in out:
-            continue
-        labels = torch.as_tensor(np.asarray(task.labels, dtype=np.float32))
-        basis = torch.randn(16, key[1], generator=generator)
-        features = torch.randn(2 if warm_up else layers, key[0], 16, generator=generator) @ basis
-        features += 0.1 * torch.randn(features.shape, generator=generator) + labels[None, :, None] * basis[0]
-        started = time.perf_counter()
-        probe_task(features, task, spec.seeds, spec.controls, spec.mdl)
-        if not warm_up:
-            out[key] = time.perf_counter() - started
-    return out
 
 
 def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rates | None = None) -> dict:
@@ -358,7 +325,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
             raise PlanError(f"models: {spec.name!r} has {other.params:,} parameters, the base {shape.params:,}: "
                             f"the plan sizes every model as the base")
     tasks = load_tasks(config.probing.data, config.probing.tasks, warn=lambda _: None)
-    rates = rates or calibrate(config, base, tasks, device_rate)
+    rates = rates or calibrate(config, base, device_rate)
     n_models = len(config.model_names)
     n_merges, n_parents = len(config.merge_names), len(config.models)
     weights = shape.params * BYTES[config.precision]
@@ -400,7 +367,8 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     for task in tasks:
         _, index = probe_inputs(task, config.probing.pooling, config.probing.max_length)
         n, width = len(index), index.shape[1] * shape.hidden
-        probes.seconds += n_models * rates.probe[n, width]
+        probes.seconds += n_models * PROBE_SECONDS_PER_UNIT * (shape.layers + 1) * n ** 2 * (width + n) * \
+            len(config.probing.seeds) / 3
         probes.memory = max(probes.memory, 3 * (shape.layers + 1) * n * width * 4)
     stages["probes"] = probes
 
@@ -426,8 +394,9 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     for work in stages.values():
         total.add(work)
     total.memory = rates.baseline + total.memory
+    device = config.device if config.device != "auto" else f"auto ({_device(config)} here)"
     return {"config": config.name, "models": n_models, "merges": n_merges, "precision": config.precision,
-            "device": _device(config), "params": shape.params, "rates": rates, "stages": stages, "total": total,
+            "device": device, "params": shape.params, "rates": rates, "stages": stages, "total": total,
             "hub_download": sum(weights for spec in config.models if not spec.source.startswith(EMBEDDED_PREFIX)
                                 and not Path(spec.source).expanduser().is_dir())}
 
