@@ -137,12 +137,28 @@ def metadata_folder(config: ExperimentConfig, name: str) -> Path:
                                       allow_patterns=["*.json", "tokenizer*", "*.model", "*.txt"]))
 
 
-def model_shape(config: ExperimentConfig, folder: Path) -> Shape:
+def config_file(config: ExperimentConfig, name: str) -> Path:
+    """The model's config.json alone (a hub model's from the cache offline, else that one small file
+    downloaded)."""
+    spec = config.model(name)
+    if spec.source.startswith(EMBEDDED_PREFIX) or Path(spec.source).expanduser().is_dir():
+        return metadata_folder(config, name) / "config.json"
+    from huggingface_hub import hf_hub_download
+
+    from merging import hub
+
+    with hub.hub_errors(spec.source, spec.revision):
+        return Path(hf_hub_download(spec.source, "config.json", revision=spec.revision,
+                                    local_files_only=hub.offline()))
+
+
+def model_shape(config: ExperimentConfig, path: Path) -> Shape:
+    """The architecture's counts from a config.json (`path`, or the config.json in folder `path`)."""
+    path = path / "config.json" if path.is_dir() else path
     try:
-        return Shape.from_config(json.loads((folder / "config.json").read_text()), config.trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        raise PlanError(f"{folder / 'config.json'}: cannot size the model ({type(error).__name__}: {error})") \
-            from None
+        return Shape.from_config(json.loads(path.read_text()), config.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PlanError(f"{path}: cannot size the model ({type(error).__name__}: {error})") from None
 
 
 def tokenizer_of(folder: Path):
@@ -320,7 +336,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     base = json.loads((folder / "config.json").read_text())
     shape, tokenizer = model_shape(config, folder), tokenizer_of(folder)
     for spec in config.models:  # merges need one architecture; each parent is sized as the base
-        other = model_shape(config, metadata_folder(config, spec.name))
+        other = model_shape(config, config_file(config, spec.name))
         if other.params != shape.params:
             raise PlanError(f"models: {spec.name!r} has {other.params:,} parameters, the base {shape.params:,}: "
                             f"the plan sizes every model as the base")
@@ -468,7 +484,7 @@ def measured_seconds(run_dir: Path) -> dict[str, float]:
 def disk_estimate(config: ExperimentConfig) -> float:
     """Bytes the run writes under its directory: merged checkpoints and every model's captures (tables and other
     cache entries are small beside them), without tokenising or timing anything."""
-    shape = model_shape(config, metadata_folder(config, config.base))
+    shape = model_shape(config, config_file(config, config.base))
     stored = sum(stored_bytes(job, shape) for job in study_jobs(config, shape))
     return len(config.merge_names) * shape.params * BYTES[config.precision] + len(config.model_names) * stored
 

@@ -14,13 +14,12 @@ import torch
 
 from merging import hub
 from runstore.atomic import atomic_write_text, read_cached
-from runstore.cache import cache_key
+from runstore.cache import DIGEST_MEMOS, cache_key
 from runstore.cache import content_digest as files_digest
 from runstore.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DIGEST_MEMOS = "digests"  # folder of the digest memos inside the run's cache
 _DIGESTS: dict[tuple[str, str], str] = {}  # (folder, stamp) -> digest, for this process
 # Any one of these lets AutoTokenizer build a tokenizer without the hub (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

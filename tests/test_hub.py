@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_tiny_config
+from conftest import tiny_config, write_tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_NotARealTokenButShapedLikeOne123"
@@ -82,12 +82,14 @@ class FakeHub(BaseHTTPRequestHandler):
                                "siblings": [{"rfilename": name} for name in MODEL_FILES]})
         if repo == "hub/gated":
             return self._error(403 if self.headers.get("Authorization") else 401, "GatedRepo")
+        body = tiny_config(320).to_json_string().encode()  # config.json: the only file any hub check reads
         self.send_response(200)
-        for header, value in {"X-Repo-Commit": COMMIT, "ETag": '"abc"', "Content-Length": "2"}.items():
+        etag = hashlib.sha1(body).hexdigest()
+        for header, value in {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"', "Content-Length": str(len(body))}.items():
             self.send_header(header, value)
         self.end_headers()
         if self.command == "GET":
-            self.wfile.write(b"{}")
+            self.wfile.write(body)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +251,8 @@ def test_hub_snapshot_digest_is_its_blobs_and_writes_nothing(tiny_family, tmp_pa
     """Same blobs, same digest (whatever the commit or repo), without reading the weights; another blob, another
     digest. A plain folder's digest is memoised in the run's cache, never beside the model."""
     from merging import checkpoints
-    from merging.checkpoints import DIGEST_MEMOS, content_digest
+    from merging.checkpoints import content_digest
+    from runstore.cache import DIGEST_MEMOS
 
     first = hub_cache(tmp_path / "cache", "tiny/a", tiny_family["a"])
     again = hub_cache(tmp_path / "cache", "other/a", tiny_family["a"], commit="f" * 40)
