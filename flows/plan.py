@@ -507,6 +507,9 @@ def disk_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
 def main(path: str | Path, device_rate: float | None = None, run_dir: Path | None = None) -> int:
     """Print the plan; with `run_dir` (a finished run of the same config), also each stage's measured time and
     tokens per second beside the plan's (scripts/gpu_check.sh)."""
+    from flows import console
+
+    console.install()  # lm-eval's task loaders speak to their own CLI's users (flows.console.NOISE)
     result = plan(load_config(path), device_rate)
     print(format_plan(result))
     if run_dir is not None:
