@@ -2,12 +2,13 @@
 written under the run directory, forward-pass tokens and FLOPs, and wall time.
 
 Everything is computed from each model's config.json (its parameter count and shapes, read from a model built on
-torch's meta device: no weight is read or allocated) and the run's own inputs as the stages resolve them (the
-probing tasks through `probing.stage.load_tasks`, the capture jobs through `flows.pipeline.capture_jobs`, the
-behaviour requests through lm-eval's task loaders, all tokenised by the base model's tokenizer), so the plan
-follows the suite and the config. Time comes from a short calibration on this machine (a forward pass of a
-two-block random model of the base's shape, one probe fit of each task's shape, a write and read of a checkpoint
-file), or from a stated device rate (`--device-rate`, FLOP/s). docs/SCALE.md explains each stage's model.
+torch's meta device: no weight is read or allocated) and the run's own inputs as the stages resolve them: the
+probing tasks through `flows.pipeline.probing_tasks` (minimal pairs and Holmes data), the capture jobs through
+`flows.pipeline.capture_jobs`, the behaviour requests through lm-eval's task loaders
+(`evaluation.behavior.lm_eval_tasks`), all tokenised by the base model's tokenizer; so the plan follows the suite
+and the config. Time comes from a short calibration on this machine (forward passes of a two-block random model of
+the base's shape, a checkpoint-sized file written and read) or from a stated device rate (`--device-rate`, FLOP/s).
+docs/SCALE.md explains each stage's model.
 
 The pipeline keeps one model resident at a time (its per-model step loads it once for behaviour and every capture),
 streams weights tensor by tensor for preflight, merges and weight features, and streams captures to the store.
@@ -220,18 +221,20 @@ def job_work(job, shape: Shape, tokenizer) -> dict:
 
 
 def behaviour_requests(config: ExperimentConfig, tokenizer) -> tuple[list[int], int, list[str]]:
-    """(lengths of every loglikelihood forward, tokens to generate, notes) of the config's lm-eval tasks, built
-    by lm-eval's own task loaders with the config's limit."""
-    from evaluation.suites import get_suite, task_manager
+    """(lengths of every loglikelihood forward, tokens to generate, notes) of the lm-eval tasks the behaviour stage
+    scores (its suites and the minimal pairs' tasks), built by lm-eval's own task loaders with the config's limit."""
+    from evaluation.behavior import lm_eval_tasks
+    from flows.pipeline import behavior_settings
 
-    suites = [get_suite(name) for name in config.behavior.suites]
     lengths, generated, notes = [], 0, []
     try:
-        tasks = task_manager(suites).load([t for s in suites for t in s.tasks])["tasks"]
+        with lm_eval_tasks(behavior_settings(config)) as (names, manager):
+            tasks = manager.load(names)["tasks"]
+            for task in tasks.values():
+                task.build_all_requests(limit=config.behavior.limit, rank=0, world_size=1)
     except Exception as error:  # noqa: BLE001 - a suite whose data needs the dataset hub: sized as unknown
         return [], 0, [f"behaviour not sized: its tasks cannot be built here ({type(error).__name__})"]
     for task in tasks.values():
-        task.build_all_requests(limit=config.behavior.limit, rank=0, world_size=1)
         for instance in task.instances:
             context = instance.args[0]
             if instance.request_type == "generate_until":
@@ -329,8 +332,8 @@ def anonymous_memory() -> float:
 
 def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rates | None = None) -> dict:
     """Per stage and in total: seconds, peak memory (bytes), bytes written under the run directory, tokens, FLOPs."""
+    from flows.pipeline import probing_tasks
     from probing.capture import probe_inputs
-    from probing.stage import load_tasks
 
     folder = metadata_folder(config, config.base)
     base = json.loads((folder / "config.json").read_text())
@@ -340,7 +343,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
         if other.params != shape.params:
             raise PlanError(f"models: {spec.name!r} has {other.params:,} parameters, the base {shape.params:,}: "
                             f"the plan sizes every model as the base")
-    tasks = load_tasks(config.probing.data, config.probing.tasks, warn=lambda _: None)
+    tasks = probing_tasks(config)
     rates = rates or calibrate(config, base, device_rate)
     n_models = len(config.model_names)
     n_merges, n_parents = len(config.merge_names), len(config.models)
@@ -355,7 +358,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
 
     merges = Work()
     if n_merges:
-        group = max(len(g) for g in config.merges.parents)
+        group = max(len(parents) for parents, _ in config.merge_specs())
         merges.seconds = MERGEKIT_IMPORT_S + n_merges * (group + 2) * weights / rates.io
         merges.memory = min(weights, MERGEKIT_SHARD_BYTES) + (group + 2) * shape.largest * 4
         merges.disk = n_merges * weights

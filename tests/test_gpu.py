@@ -68,12 +68,14 @@ def test_capture_equals_hf_hidden_states_on_the_device(folder, precision):
 @pytest.mark.gpu
 @gpu
 def test_probes_on_device_captures_equal_cpu_probes(folder):
-    """One bundled task captured in float32 on the device and on the CPU, probed alike: the same scores within
+    """One bundled minimal-pair paradigm captured in float32 on the device and on the CPU, probed alike: the same
+    scores within
     float noise (an item near the boundary may flip; one flip moves a macro-F1 by up to ~2/n_test)."""
     from probing.capture import probe_inputs, task_features
-    from probing.stage import load_tasks, probe_task
+    from probing.minimal_pair_tasks import bundled_tasks
+    from probing.stage import probe_task
 
-    task = load_tasks("bundled")[0]
+    task = bundled_tasks()[0]
     inputs, index = probe_inputs(task, "mean", 128)
     features = {}
     for device in ("cpu", DEVICE):

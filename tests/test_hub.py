@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_NotARealTokenButShapedLikeOne123"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+PAIRS = [{"source": "bundled", "paradigms": ["subject_verb_agreement"], "pairs": 20}]  # a small probing workload
 
 
 # --- a stand-in for the hub -----------------------------------------------------------------------------------------
@@ -34,8 +35,8 @@ class FakeHub(BaseHTTPRequestHandler):
     """The hub's answers for a few repos (status codes and X-Error-Code headers as huggingface.co sends them):
     hub/model exists (its metadata and config are served; listing its files drops the connection, as a network
     does mid-download), hub/gated is gated (401 without a token, 403 with one), hub/missing does not exist (401,
-    as the hub answers for unknown and private repos alike), any revision but main (or its commit) is unknown (404), and every
-    request about hub/dropped is dropped unanswered."""
+    as the hub answers for unknown and private repos alike), any revision but main (or its commit) is unknown
+    (404), and every request about hub/dropped is dropped unanswered."""
 
     def log_message(self, *args) -> None:  # keep the test output clean
         pass
@@ -160,7 +161,7 @@ def test_validate_online_names_repo_revision_and_remedy(hub_url, tmp_path, repo,
 
 
 def test_validate_online_passes_a_readable_repo(hub_url, tmp_path):
-    config = _config(tmp_path / "c.yaml", {"base": "hub/model"}, probing={"tasks": ["tense"]})
+    config = _config(tmp_path / "c.yaml", {"base": "hub/model"}, minimal_pairs=PAIRS)
     done = _cli("validate", str(config), cwd=tmp_path, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", HF_TOKEN=TOKEN)
     assert done.returncode == 0, done.stderr
 
@@ -168,7 +169,7 @@ def test_validate_online_passes_a_readable_repo(hub_url, tmp_path):
 def test_run_turns_a_failure_during_download_into_one_line(hub_url, tmp_path):
     """hub/model passes validate (metadata and config readable), then the connection drops while the run lists
     its files to download them, inside the Prefect flow: one line, exit 2, no traceback, no token, no run dir."""
-    config = _config(tmp_path / "c.yaml", {"base": "hub/model"}, probing={"tasks": ["tense"]})
+    config = _config(tmp_path / "c.yaml", {"base": "hub/model"}, minimal_pairs=PAIRS)
     run = tmp_path / "run"
     done = _cli("run", str(config), "--run-dir", str(run), cwd=tmp_path, timeout=600, HF_ENDPOINT=hub_url,
                 HF_HUB_OFFLINE="0", HF_TOKEN=TOKEN)
@@ -235,7 +236,7 @@ def cache(tiny_family, tmp_path_factory) -> Path:
 
 def test_validate_offline_names_a_missing_repo_and_a_snapshot_without_weights(cache, tmp_path):
     config = _config(tmp_path / "c.yaml", {"base": "tiny/base", "gone": "nobody/missing-model",
-                                           "broken": "tiny/broken"}, probing={"tasks": ["tense"]})
+                                           "broken": "tiny/broken"}, minimal_pairs=PAIRS)
     done = _cli("validate", str(config), cwd=tmp_path, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [

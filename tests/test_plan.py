@@ -110,15 +110,13 @@ def _hub_cache_with(cache: Path, repo_ids: list[str], config: dict, tokenizer_fr
 
 def test_qwen_plan_one_model_resident_merges_and_captures_on_disk(real_family, tmp_path, monkeypatch):
     """configs/qwen.yaml sized offline: Qwen2.5-7B's published config.json in a hub-cache layout, SmolLM2's
-    tokenizer standing in for Qwen's, the bundled suite for FlashHolmes; behaviour (the leaderboard) needs the
-    dataset hub and is reported unsized. Printed for docs/SCALE.md (pytest -s)."""
-    from probing.build_suite import SUITE_DIR
-
+    tokenizer standing in for Qwen's, the real-format Holmes fixtures for FlashHolmes; behaviour (the leaderboard)
+    needs the dataset hub and is reported unsized. Printed for docs/SCALE.md (pytest -s)."""
     cache = tmp_path / "hf"
     qwen = load_config(ROOT / "configs" / "qwen.yaml")
     _hub_cache_with(cache, [m.source for m in qwen.models], QWEN_7B, real_family["base"])
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    shutil.copytree(SUITE_DIR, tmp_path / "data" / "flash-holmes")
+    shutil.copytree(ROOT / "tests" / "fixtures" / "holmes", tmp_path / "data" / "flash-holmes")
     monkeypatch.chdir(tmp_path)
     from flows.plan import format_plan
 
@@ -163,15 +161,16 @@ def _measured_run(config: Path, run: Path) -> dict:
 
 @pytest.mark.slow
 def test_plan_is_within_30_percent_of_a_measured_embedded_run(real_family, tmp_path, capsys):
-    """base + instruct + their linear merge, the first two probing tasks the suite resolves to, 5 behaviour items
-    per task, a 1,024-token similarity set: the plan (calibrated here, just before) against the run."""
-    from probing.stage import load_tasks
+    """base + instruct + their linear merge, the bundled suite's first two paradigms (100 pairs each), 5 behaviour
+    items per task, a 1,024-token similarity set: the plan (calibrated here, just before) against the run."""
+    from probing.minimal_pair_tasks import BUNDLED_DIR
 
-    tasks = [task.name for task in load_tasks("bundled")[:2]]
+    paradigms = sorted(path.stem for path in (BUNDLED_DIR / "data").glob("*.jsonl"))[:2]
     data = {"name": "measured", "seed": 0, "precision": "float32", "device": "cpu", "base": "base",
             "models": [{"name": "base", "source": "embedded:base"}, {"name": "instruct", "source": "embedded:instruct"}],
             "merges": {"parents": [["base", "instruct"]], "methods": [{"method": "linear"}]},
-            "behavior": {"limit": 5}, "probing": {"seeds": [0], "tasks": tasks},
+            "behavior": {"limit": 5}, "probing": {"seeds": [0]},
+            "minimal_pairs": [{"source": "bundled", "paradigms": paradigms, "pairs": 100}],
             "similarity": {"tokens": 1024, "window": 128, "top_k": 256}}
     config = tmp_path / "measured.yaml"
     config.write_text(yaml.safe_dump(data))
