@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Sequence
 
 import polars as pl
@@ -81,20 +83,27 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
     from lm_eval.utils import handle_non_serializable
 
     env_report_once()
-    suites = [get_suite(name) for name in settings.suites]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     _follow_tqdm_switch(lm)
     _git_hash_without_git()
-    with tempfile.TemporaryDirectory(prefix="merge-eval-pairs-") as pair_dir:
-        paradigms = [p for selection in settings.minimal_pairs for p in selection.read()]
-        groups = write_task_folder(paradigms, {s.source: s.pairs for s in settings.minimal_pairs}, Path(pair_dir))
+    with lm_eval_tasks(settings) as (names, manager):
         # The seeds lm-eval's CLI uses by default (0, 1234, 1234, 1234), shifted by the config's seed.
         result = simple_evaluate(
-            model=lm, tasks=list(tasks or [t for s in suites for t in s.tasks] + groups),
-            task_manager=task_manager(suites, [pair_dir] if groups else []), limit=settings.limit,
+            model=lm, tasks=list(tasks or names), task_manager=manager, limit=settings.limit,
             log_samples=True, random_seed=settings.seed, numpy_random_seed=1234 + settings.seed,
             torch_random_seed=1234 + settings.seed, fewshot_random_seed=1234 + settings.seed)
     return json.loads(json.dumps(result, default=handle_non_serializable))
+
+
+@contextmanager
+def lm_eval_tasks(settings: BehaviorSettings) -> Iterator[tuple[list[str], object]]:
+    """(task and group names, lm-eval TaskManager) of the settings' suites and minimal-pair sources, whose task
+    YAMLs live in a temporary folder while the block runs (scoring, and flows.plan sizing the requests)."""
+    suites = [get_suite(name) for name in settings.suites]
+    with tempfile.TemporaryDirectory(prefix="merge-eval-pairs-") as pair_dir:
+        paradigms = [p for selection in settings.minimal_pairs for p in selection.read()]
+        groups = write_task_folder(paradigms, {s.source: s.pairs for s in settings.minimal_pairs}, Path(pair_dir))
+        yield [t for s in suites for t in s.tasks] + groups, task_manager(suites, [pair_dir] if groups else [])
 
 
 # lm-eval's request types; each HFLM method takes lm-eval's own `disable_tqdm`.
@@ -121,7 +130,7 @@ def _git_hash_without_git() -> None:
 
 
 def _cache_entry(folder: Path, settings: BehaviorSettings, cache_dir: Path) -> Path:
-    return Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder))}.json"
+    return Path(cache_dir) / CACHE_SUBDIR / f"{settings.cache_key(content_digest(folder, cache_dir))}.json"
 
 
 def _load_json(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""`merge-eval` command line: validate, run, serve (and the inspection commands the stages add).
+"""`merge-eval` command line: validate, plan, run, serve (and the inspection commands the stages add).
 
 User mistakes (bad config, missing model, incompatible parents) print one line per problem and exit 2; only
 genuine bugs show a traceback.
@@ -88,6 +88,12 @@ def _discard_if_nothing_made(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flows.plan import main as plan_main
+
+    return plan_main(args.config, args.device_rate)
+
+
 def cmd_probes(args: argparse.Namespace) -> int:
     from probing.inspect import show_probes
 
@@ -121,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config name>/")
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(handler=cmd_run)
+    plan = commands.add_parser("plan", help="time, peak memory, disk and forward-pass work per stage, before a run")
+    plan.add_argument("config", type=Path)
+    plan.add_argument("--device-rate", type=float, default=None, metavar="FLOPS",
+                      help="the device's forward FLOP/s (e.g. 400e12) instead of a short calibration here")
+    plan.set_defaults(handler=cmd_plan)
     probes = commands.add_parser("probes", help="per-layer probe curves; no --task/--model: list tasks and models")
     probes.add_argument("run_dir", type=Path)
     probes.add_argument("--task", default=None)

@@ -134,7 +134,7 @@ def model_task(name: str, folder: Path, run: RunDir,
     console.install()  # this task may run in another process (a Dask worker)
     logger = get_run_logger()
     settings, options = behavior_settings(config), load_options(config)
-    model = model_ref(name, folder)
+    model = model_ref(name, folder, run.cache)
     missing = capture_store(run).missing(capture_jobs(model, config), model, config.precision)
     raw = cached_score(folder, settings, run.cache, name=name)
     if raw is None or missing:
@@ -163,7 +163,7 @@ def probing_task(name: str, folder: Path, run: RunDir, config: ExperimentConfig)
     spec = config.probing
     tasks = probing_tasks(config)
     get_run_logger().info("probing %s (%d tasks)", name, len(tasks))
-    return probe_model(model_ref(name, folder), tasks, capture_store(run), config.precision, spec.seeds,
+    return probe_model(model_ref(name, folder, run.cache), tasks, capture_store(run), config.precision, spec.seeds,
                        spec.max_length, spec.pooling, spec.controls, spec.mdl, log=get_run_logger().debug)
 
 
@@ -180,7 +180,7 @@ def functional_similarity_task(model_dirs: dict[str, Path], run: RunDir, config:
     """Activation cosine, CKA, attention cosine and KL of every pair from the store into similarity.parquet."""
     from probing.similarity.functional import cached_functional_features
 
-    models = [model_ref(name, folder) for name, folder in model_dirs.items()]
+    models = [model_ref(name, folder, run.cache) for name, folder in model_dirs.items()]
     rows = cached_functional_features(models, similarity_set(config), capture_store(run), config.precision,
                                       config.similarity.top_k)
     get_run_logger().info("functional similarity: %d rows for %d models", rows.height, len(models))

@@ -2,8 +2,10 @@
 `validate_config` before Prefect starts, so a run that cannot succeed fails in seconds and writes nothing.
 
 `flows.config` checks the config's own shape; this module checks the world it names: embedded members, local
-model folders (config.json, whole safetensors, a tokenizer), the probing data, the device, the run directory.
-Hub ids are checked for form only (no network). Every problem is one line naming the field and its value.
+model folders (config.json, whole safetensors, a tokenizer), hub models (offline: a cached snapshot with config,
+weights and tokenizer; online: the repo's metadata: exists, readable with the user's token, revision; no weights are
+downloaded), the probing data, the device, the run directory and the room on its disk for the run's plan
+(flows.plan). Every problem is one line naming the field and its value.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import os
 from pathlib import Path
 
 from flows.config import ConfigError, ExperimentConfig, load_config
-from merging.checkpoints import EMBEDDED_PREFIX, checkpoint_problems
 from evaluation.minimal_pairs import MinimalPairError
+from merging.checkpoints import EMBEDDED_PREFIX, checkpoint_problems
+from merging.hub import hub_problems
 from probing.holmes import HolmesError
 
 
@@ -27,7 +30,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def source_problems(config: ExperimentConfig) -> list[str]:
-    """Each `models[i].source`: an embedded member, an existing model folder, or a well-formed hub id."""
+    """Each `models[i].source`: an embedded member, an existing model folder, or a hub model a run can have."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -53,6 +56,9 @@ def source_problems(config: ExperimentConfig) -> list[str]:
             except HFValidationError as error:
                 problems.append(f"{field}: {source!r} is neither an existing folder nor a hub id "
                                 f"({str(error).splitlines()[0]})")
+            else:
+                problems += [f"{field}: {problem}" for problem in
+                             hub_problems(source, spec.revision, config.allow_pickle, config.trust_remote_code)]
     if any(spec.source.startswith(EMBEDDED_PREFIX) for spec in config.models):
         try:
             gguf_path()
@@ -121,9 +127,12 @@ def environment_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
 def validate_config(path: str | Path, run_dir: str | Path | None = None) -> tuple[ExperimentConfig, Path]:
     """(config, run directory) when the config and everything it names can be used; else `ConfigError` with
     one line per problem, config mistakes first (the environment is checked only for a well-formed config)."""
+    from flows.plan import disk_problems
+
     config = load_config(path)
     root = Path(run_dir) if run_dir else default_run_dir(config)
     problems = environment_problems(config, root)
+    problems = problems or disk_problems(config, root)  # the disk plan needs every source readable
     if problems:
         raise ConfigError([f"{path}: {problem}" for problem in problems])
     return config, root

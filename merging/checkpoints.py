@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from runstore.atomic import atomic_write_text
+from merging import hub
+from runstore.atomic import atomic_write_text, read_cached
+from runstore.cache import DIGEST_MEMOS, cache_key
 from runstore.cache import content_digest as files_digest
 from runstore.errors import UserError
 
 EMBEDDED_PREFIX = "embedded:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DIGEST_PREFIX = ".merge-eval-digest"
-_DIGEST_FILE = f"{_DIGEST_PREFIX}.v3.json"  # v3: weights, config and tokenizer files only
+_DIGESTS: dict[tuple[str, str], str] = {}  # (folder, stamp) -> digest, for this process
 # Any one of these lets AutoTokenizer build a tokenizer without the hub (fast, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # What a model's behaviour depends on besides its weights: its config and every tokenizer file transformers reads.
@@ -135,7 +136,8 @@ def checkpoint_problems(folder: Path, allow_pickle: bool = False, trust_remote_c
 
 
 def resolve_source(source: str, revision: str | None = None, allow_pickle: bool = False) -> Path:
-    """A local folder for a config `source`: the embedded family, a folder, or a hub repo id (downloaded)."""
+    """A local folder for a config `source`: the embedded family, a folder, or a hub repo id (the cached snapshot,
+    downloaded first when online and missing; every hub failure is a `HubError` line)."""
     if source.startswith(EMBEDDED_PREFIX):
         from merging.family import build_family
 
@@ -147,10 +149,7 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
             raise CheckpointError(f"{source}: a model source must be a folder, not a file")
         weight_files(path, allow_pickle)
         return path
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"] + (["*.bin"] if allow_pickle else [])
-    return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    return hub.download(source, revision, allow_pickle)
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -159,24 +158,47 @@ def model_files(folder: Path) -> list[Path]:
                   if p.is_file() and (p.suffix in {".safetensors", ".bin"} or p.name in MODEL_FILES))
 
 
-def content_digest(folder: Path) -> str:
-    """Digest of the checkpoint's weights, config and tokenizer (`model_files`), memoised beside them by (size,
-    mtime)."""
+def hub_blobs(folder: Path, files: list[Path]) -> list[list[str]] | None:
+    """[[file, blob]] when `folder` is a snapshot of the Hugging Face cache (`models--org--name/snapshots/<commit>`)
+    whose files all link into the repo's `blobs/`, else None. The hub names each blob by its content (sha256 for
+    LFS files such as weights, the git blob sha1 for small files), so these names are the snapshot's content."""
+    folder = Path(folder).absolute()
+    blobs = folder.parent.parent / "blobs"
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+        return None
+    pairs = []
+    for path in files:
+        target = path.resolve()
+        if not path.is_symlink() or target.parent != blobs.resolve():
+            return None
+        pairs.append([path.name, target.name])
+    return pairs
+
+
+def content_digest(folder: Path, memo_dir: Path | None = None) -> str:
+    """Digest of the checkpoint's weights, config and tokenizer (`model_files`). A hub cache snapshot's digest is
+    its blobs' names (no byte is read); a folder's is its files' bytes, remembered by (name, size, mtime) in this
+    process and, given `memo_dir` (the run's cache), across runs. Nothing is ever written beside the model: a
+    user's model folder or hub cache may be read-only, shared, or not theirs to change."""
     folder = Path(folder)
     files = model_files(folder)
+    blobs = hub_blobs(folder, files)
+    if blobs is not None:
+        return cache_key("hub-blobs", blobs)
+    where = str(folder.resolve())
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = folder / _DIGEST_FILE
-    try:
-        cached = json.loads(memo.read_text())
-        if cached["stamp"] == stamp:
-            return cached["digest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    value = files_digest(files)
-    try:
-        atomic_write_text(memo, json.dumps({"stamp": stamp, "digest": value}))
-    except OSError:  # read-only model folder: recompute next time
-        pass
+    seen = (where, json.dumps(stamp))
+    if seen in _DIGESTS:
+        return _DIGESTS[seen]
+    memo = Path(memo_dir) / DIGEST_MEMOS / f"{cache_key(where)}.json" if memo_dir is not None else None
+    cached = read_cached(memo, lambda path: json.loads(path.read_text())) if memo is not None else None
+    if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("digest"), str):
+        value = cached["digest"]
+    else:
+        value = files_digest(files)
+        if memo is not None:
+            atomic_write_text(memo, json.dumps({"folder": where, "stamp": stamp, "digest": value}))
+    _DIGESTS[seen] = value
     return value
 
 

@@ -67,11 +67,12 @@ class PeakRss:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
-def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dtype: str) -> str:
+def input_key(lineage: MergeLineage, parent_dirs: dict[str, Path], seed: int, dtype: str,
+              memo_dir: Path | None = None) -> str:
     """Hash of everything a merge's result depends on: parent contents, method, parameters, seed, dtype."""
     sparsified = sparsify.KEY if METHODS[lineage.method].mergekit_name in sparsify.MAGNITUDE_METHODS else None
     return cache_key("merge", MERGE_VERSION, asdict(lineage), seed, dtype, version("mergekit"),
-                     {name: content_digest(path) for name, path in parent_dirs.items()}, sparsified)
+                     {name: content_digest(path, memo_dir) for name, path in parent_dirs.items()}, sparsified)
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -92,7 +93,7 @@ def merge(lineage: MergeLineage, model_dirs: dict[str, Path], out: Path, seed: i
     method = METHODS[lineage.method]
     needed = list(lineage.parents) + ([lineage.base] if method.uses_base and lineage.base else [])
     parent_dirs = {name: Path(model_dirs[name]) for name in needed}
-    key = input_key(lineage, parent_dirs, seed, dtype)
+    key = input_key(lineage, parent_dirs, seed, dtype, cache_dir)
     existing = read_manifest(out)
     if existing and existing.get("input_key") == key:
         damaged = _damaged(out)

@@ -198,7 +198,7 @@ def cached_preflight(models: dict[str, Path], base: str | None, merge_dtype: str
     if damaged:
         raise PreflightError(damaged)
     key = cache_key("preflight", code_version(__file__, merging.streaming.__file__, merging.checkpoints.__file__),
-                    [[name, content_digest(folder)] for name, folder in models.items()], base, merge_dtype)
+                    [[name, content_digest(folder, cache_dir)] for name, folder in models.items()], base, merge_dtype)
     entry = Path(cache_dir) / "preflight" / f"{key}.json"
     return cached_value(entry, "preflight", ALL_MODELS, lambda: preflight(models, base, merge_dtype),
                         lambda path: json.loads(path.read_text()),

@@ -52,14 +52,15 @@ class ModelRef:
     vocab_size: int
 
 
-def model_ref(name: str, folder: Path) -> ModelRef:
-    """Reads only config.json and the content digest: deciding what is cached never loads weights."""
+def model_ref(name: str, folder: Path, memo_dir: Path | None = None) -> ModelRef:
+    """Reads only config.json and the content digest (its memo in `memo_dir`, the run's cache): deciding what is
+    cached never loads weights."""
     from transformers import AutoConfig
 
     from merging.checkpoints import content_digest
 
     config = AutoConfig.from_pretrained(folder)
-    return ModelRef(name, Path(folder), content_digest(folder), config.num_hidden_layers, config.vocab_size)
+    return ModelRef(name, Path(folder), content_digest(folder, memo_dir), config.num_hidden_layers, config.vocab_size)
 
 
 @dataclass(frozen=True)

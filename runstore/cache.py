@@ -29,6 +29,7 @@ from runstore.tables import write_parquet
 
 KEY_LENGTH = 32
 LEDGER = "ledger.jsonl"
+DIGEST_MEMOS = "digests"  # the cache's folder of model-folder digests (merging.checkpoints.content_digest)
 ALL_MODELS = "*"  # the ledger's model for a stage over every model of the run (correlations, the report)
 
 

@@ -18,7 +18,7 @@ from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from runstore.atomic import atomic_symlink, atomic_write_text, remove_temps
-from runstore.cache import LEDGER, start_run
+from runstore.cache import DIGEST_MEMOS, LEDGER, start_run
 from runstore.errors import UserError
 
 RECORDED_PACKAGES = ("merge-eval", "torch", "transformers", "tokenizers", "safetensors", "peft", "mergekit",
@@ -82,9 +82,10 @@ class RunDir:
         return self.root / LOCK_FILE
 
     def bookkeeping(self) -> set[Path]:
-        """Files a run writes before it makes anything (its config, lock and ledger): a run that failed having
-        written only these made nothing worth keeping."""
-        return {self.root / "config.yaml", self.lock_file, self.cache / LEDGER}
+        """Files a run writes before it makes anything (its config, lock, ledger and the digests of its parents'
+        folders): a run that failed having written only these made nothing worth keeping."""
+        return {self.root / "config.yaml", self.lock_file, self.cache / LEDGER,
+                *(self.cache / DIGEST_MEMOS).glob("*.json")}
 
     @contextmanager
     def lock(self) -> Iterator[None]:

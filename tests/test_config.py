@@ -40,16 +40,22 @@ def test_shipped_default_config_validates(capsys):
     assert "ok" in capsys.readouterr().out
 
 
-def test_qwen_config_needs_only_the_flashholmes_download(tmp_path, capsys, monkeypatch):
-    """Hub ids pass (form only); the one problem is the FlashHolmes folder the user has not downloaded yet."""
+def test_qwen_config_needs_the_models_and_the_flashholmes_download(tmp_path, capsys, monkeypatch):
+    """Offline, with an empty Hugging Face cache, the four hub models are named (one line each, saying how to get
+    them), and so is the FlashHolmes folder the user has not downloaded yet."""
     monkeypatch.chdir(tmp_path)
     qwen = ROOT / "configs" / "qwen.yaml"
+    missing = [f"error: {qwen}: models[{i}].source: hub model '{repo}' (revision main): not in the Hugging Face "
+               for i, repo in enumerate(["Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-Math-7B",
+                                         "Qwen/Qwen2.5-Coder-7B"])]
     code, lines = validate(qwen, capsys)
-    assert code == 2 and lines == [f"error: {qwen}: probing.data='data/flash-holmes': data/flash-holmes: probing "
-                                   f"data folder not found"]
+    assert code == 2 and len(lines) == 5 and all(line.startswith(m) for line, m in zip(lines, missing)), lines
+    assert lines[4] == f"error: {qwen}: probing.data='data/flash-holmes': data/flash-holmes: probing data folder " \
+                       f"not found"
     for task in ("pos", "next-sentence-prediction"):  # two real-format Holmes datasets stand in for the download
         shutil.copytree(ROOT / "tests" / "fixtures" / "holmes" / task, tmp_path / "data" / "flash-holmes" / task)
-    assert main(["validate", str(qwen)]) == 0
+    code, lines = validate(qwen, capsys)
+    assert code == 2 and len(lines) == 4 and all(line.startswith(m) for line, m in zip(lines, missing)), lines
 
 
 def test_qwen_config_is_the_paper_setup():

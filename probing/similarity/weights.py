@@ -293,7 +293,7 @@ def cached_weight_features(models: dict[str, Path], base: str, cache_dir: Path |
     if base not in models:
         raise ValueError(f"base {base!r} is not one of the models ({', '.join(models)})")
     names, code = list(models), code_version()
-    digests, base_index = [content_digest(models[name]) for name in names], names.index(base)
+    digests, base_index = [content_digest(models[name], cache_dir) for name in names], names.index(base)
     pairs = [(i, j) for i in range(len(names)) for j in range(i, len(names))]
     folder = Path(cache_dir) / "weight_features" if cache_dir is not None else None
     paths = {pair: folder / f"{_pair_key(code, zero_rtol, digests, base_index, pair)}.parquet" for pair in pairs} \
