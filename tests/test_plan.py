@@ -160,7 +160,7 @@ def _measured_run(config: Path, run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_plan_is_within_30_percent_of_a_measured_embedded_run(real_family, tmp_path, capsys):
+def test_plan_memory_and_disk_are_within_30_percent_of_a_measured_embedded_run(real_family, tmp_path, capsys):
     """base + instruct + their linear merge, the bundled suite's first two paradigms (100 pairs each), 5 behaviour
     items per task, a 1,024-token similarity set: the plan (calibrated here, just before) against the run."""
     from probing.minimal_pair_tasks import BUNDLED_DIR
@@ -186,9 +186,6 @@ def test_plan_is_within_30_percent_of_a_measured_embedded_run(real_family, tmp_p
     with capsys.disabled():
         print(format_plan(planned), format_comparison(planned, measured_seconds(tmp_path / "run")),
               f"measured: {measured}", f"plan/measured: {ratios}", sep="\n")
+    # Time is printed, not asserted: a test is no timer (docs/PERFORMANCE.md), and the calibration's forward rate
+    # moved 14-166 GFLOP/s within minutes on the shared machine (docs/SCALE.md has the measured ratios).
     assert 0.7 <= ratios["memory"] <= 1.3 and 0.7 <= ratios["disk"] <= 1.3, ratios
-    load = os.getloadavg()[0]
-    if load > os.cpu_count():  # docs/PERFORMANCE.md: on an oversubscribed machine only side-by-side ratios mean much
-        pytest.skip(f"time not compared: load average {load:.1f} on {os.cpu_count()} cores moves the forward rate "
-                    f"2-3x within minutes (plan/measured time {ratios['seconds']:.2f}; memory and disk within 30%)")
-    assert 0.7 <= ratios["seconds"] <= 1.3, ratios
