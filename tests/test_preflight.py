@@ -119,7 +119,8 @@ def test_cli_reports_preflight_problems_as_user_errors(variants, tmp_path, monke
     models = {n: variants[n] for n in ("base", "a", "arch", "untied")}
     monkeypatch.setattr(flows.pipeline, "merge_eval", lambda config_path, run_dir: preflight(models, base="base"))
     config = tmp_path / "ok.yaml"
-    config.write_text(json.dumps({"name": "ok", "base": "base", "models": [{"name": "base", "source": "x"}]}))
+    config.write_text(json.dumps({"name": "ok", "base": "base", "models": [{"name": "base",
+                                                                            "source": str(variants["base"])}]}))
     assert main(["run", str(config)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("error: config: 'arch' has architectures=['MistralForCausalLM']")
