@@ -37,7 +37,9 @@ def api_url(request) -> str:
 
 CLI = ["-m", "flows.cli"]
 # The CLI with `validate`'s probing-data check switched off, as if the folder changed after it was checked.
-SKIP_PROBING_VALIDATION = ["-c", "import sys, flows.validate as v; v.probing_problems = lambda config: []; "
+# validate reads the probing data twice: its own checks, and the disk plan that sizes the run's captures
+SKIP_PROBING_VALIDATION = ["-c", "import sys, flows.plan as p, flows.validate as v; "
+                                 "v.probing_problems = lambda config: []; p.disk_problems = lambda config, root: []; "
                                  "from flows.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
