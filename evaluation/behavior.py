@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -70,20 +70,24 @@ def env_report_once() -> None:
         collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
 
 
-def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None) -> dict:
+def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] | None = None,
+             answers: Mapping[str, tuple[float, bool]] | None = None) -> dict:
     """lm-eval's `simple_evaluate` on an in-memory model; returns its result made JSON-serialisable.
 
     `tasks` picks tasks or groups inside the settings' suites and minimal-pair sources (default: each whole; a
     source's group is named by the source, its paradigms' task YAMLs are generated into a temporary folder). The
     result keeps lm-eval's logged samples (`samples`: task -> per-item records, as its CLI's --log_samples writes
-    them), the per-item scores that paired merge-vs-parent tests need (`sample_items`).
+    them), the per-item scores that paired merge-vs-parent tests need (`sample_items`). `answers`: sentence ->
+    lm-eval's log-likelihood answer, already computed by the capture pass (`evaluation.answered_lm`); the result
+    records how many requests they answered (`merge_eval_answered`).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
+    from evaluation.answered_lm import AnsweredHFLM
+
     env_report_once()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+    lm = AnsweredHFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, answers=answers or {})
     _follow_tqdm_switch(lm)
     _git_hash_without_git()
     with lm_eval_tasks(settings) as (names, manager):
@@ -92,6 +96,7 @@ def evaluate(model, tokenizer, settings: BehaviorSettings, tasks: Sequence[str] 
             model=lm, tasks=list(tasks or names), task_manager=manager, limit=settings.limit,
             log_samples=True, random_seed=settings.seed, numpy_random_seed=1234 + settings.seed,
             torch_random_seed=1234 + settings.seed, fewshot_random_seed=1234 + settings.seed)
+    result["merge_eval_answered"] = lm.answered
     return json.loads(json.dumps(result, default=handle_non_serializable))
 
 
@@ -148,12 +153,13 @@ def cached_score(folder: Path, settings: BehaviorSettings, cache_dir: Path, name
 
 
 def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, cache_dir: Path,
-                loaded: tuple | None = None) -> dict:
+                loaded: tuple | None = None, answers: Mapping[str, tuple[float, bool]] | None = None) -> dict:
     """lm-eval's raw result for the checkpoint in `folder`, from `cache_dir` when its content was scored before.
 
     `loaded` = (model, tokenizer) already loaded from `folder` (the per-model pipeline step loads once for
-    behaviour and captures); without it the model is loaded here. The result carries `merge_eval` =
-    {cache_key, wall_seconds} (the wall time of the scoring that made it).
+    behaviour and captures); without it the model is loaded here. `answers`: see `evaluate`. The result carries
+    `merge_eval` = {cache_key, wall_seconds, answered} (the wall time of the scoring that made it, and how many
+    log-likelihood requests the capture pass answered).
     """
     entry = _cache_entry(folder, settings, cache_dir)
     hit = read_cached(entry, _load_json)
@@ -161,9 +167,9 @@ def score_model(folder: Path, settings: BehaviorSettings, options: LoadOptions, 
         return hit
     started = time.perf_counter()
     model, tokenizer = loaded if loaded is not None else load_model(folder, options)
-    raw = evaluate(model, tokenizer, settings)
+    raw = evaluate(model, tokenizer, settings, answers=answers)
     raw["merge_eval"] = {"cache_key": entry.stem, "wall_seconds": round(time.perf_counter() - started, 2),
-                         "settings": asdict(settings)}
+                         "settings": asdict(settings), "answered": raw.pop("merge_eval_answered")}
     text = json.dumps(raw, indent=1)
     atomic_write_text(entry, text)
     return json.loads(text)  # what a cache hit returns, to the type (tuples become lists)

@@ -7,8 +7,9 @@ results are cached by content inside the run directory, which is what makes an i
 instead of recompute.
 
 The per-model step (`model_task`) is the only place a model is loaded: once, and only when its behaviour score or
-some capture is missing; it scores behaviour, then runs every capture the run needs (probe inputs, the unlabeled
-similarity set) into the capture store. Probing and functional similarity read only that store.
+some capture is missing; it runs every capture the run needs (probe inputs, the unlabeled similarity set) into the
+capture store, then scores behaviour, taking the minimal-pair log-likelihoods from the capture pass. Probing and
+functional similarity read only that store.
 """
 
 from __future__ import annotations
@@ -125,30 +126,39 @@ def capture_jobs(model: ModelRef, config: ExperimentConfig) -> list[CaptureJob]:
 @task(name="model", cache_policy=NO_CACHE, task_run_name="model {name}")
 def model_task(name: str, folder: Path, run: RunDir,
                config: ExperimentConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Behaviour + every capture of one model from a single load (none when all are cached): its behavior and
-    behavior_items rows; its raw lm-eval JSON, less the per-item samples, kept beside the tables."""
+    """Captures + behaviour of one model from a single load (none when all are cached): its behavior and
+    behavior_items rows; its raw lm-eval JSON, less the per-item samples, kept beside the tables.
+
+    Captures run first: their pass over the minimal-pair sentences also scores them, so lm-eval reads those
+    answers (`probing.stage.scored_sentences`) and runs the model only for the other suites' requests."""
     from evaluation.behavior import cached_score, sample_items, score_model, tidy, without_samples
     from probing.hooks import HookRunner
+    from probing.stage import scored_sentences
     from probing.store import capture_model
 
     console.install()  # this task may run in another process (a Dask worker)
     logger = get_run_logger()
     settings, options = behavior_settings(config), load_options(config)
-    model = model_ref(name, folder, run.cache)
-    missing = capture_store(run).missing(capture_jobs(model, config), model, config.precision)
+    model, store = model_ref(name, folder, run.cache), capture_store(run)
+    jobs = capture_jobs(model, config)
+    missing = store.missing(jobs, model, config.precision)
     raw = cached_score(folder, settings, run.cache, name=name)
     if raw is None or missing:
         started = time.perf_counter()  # the one load counts to the first stage that needs it
         loaded = checkpoints.load_model(folder, options)
-        if raw is None:  # behaviour first: the bridge the captures boot switches the model to eager attention
-            raw = score_model(folder, settings, options, run.cache, loaded=loaded)
-            logger.info("behaviour %s: scored in %.1f s", name, raw["merge_eval"]["wall_seconds"])
-            record(run.cache, "behavior", name, False, time.perf_counter() - started)
-            started = time.perf_counter()
         if missing:
-            capture_model(HookRunner(*loaded), model, missing, capture_store(run), config.precision, logger.debug)
+            attention = loaded[0].config._attn_implementation
+            capture_model(HookRunner(*loaded), model, missing, store, config.precision, logger.debug)
+            loaded[0].set_attn_implementation(attention)  # the runner switched to eager attention for patterns
             logger.info("captures %s: %d input set(s) in %.1f s", name, len(missing), time.perf_counter() - started)
             record(run.cache, "captures", name, False, time.perf_counter() - started)
+            started = time.perf_counter()
+        if raw is None:
+            answers = scored_sentences(jobs, store, model.digest, config.precision)
+            raw = score_model(folder, settings, options, run.cache, loaded=loaded, answers=answers)
+            logger.info("behaviour %s: scored in %.1f s (%d log-likelihood requests answered by the capture pass)",
+                        name, raw["merge_eval"]["wall_seconds"], raw["merge_eval"]["answered"])
+            record(run.cache, "behavior", name, False, time.perf_counter() - started)
     atomic_write_text(run.tables.joinpath("behavior_raw", *name.split("/")).with_suffix(".json"),
                       json.dumps(without_samples(raw), indent=1))
     return tidy(raw, name), sample_items(raw, name)

@@ -184,7 +184,7 @@ def study_jobs(config: ExperimentConfig, shape: Shape) -> list:
 def stored_bytes(job, shape: Shape) -> float:
     """Bytes one model's capture of `job` adds to the store; no tokenizer needed: pooled rows are one vector each,
     and the reducers that keep tokens take full windows of `max_length` tokens."""
-    from probing.capture import Pool, Tokens
+    from probing.capture import Pool, TextLogLik, Tokens
     from probing.hooks import LOGITS_HOOK
 
     rows, window = job.inputs.n_rows, job.inputs.max_length
@@ -193,6 +193,8 @@ def stored_bytes(job, shape: Shape) -> float:
         reducer = request.reducer
         if isinstance(reducer, Pool):
             stored += rows * shape.hidden * BYTES[reducer.dtype]
+        elif isinstance(reducer, TextLogLik):  # a log-likelihood and a greedy flag per row
+            stored += rows * 2 * 4
         elif isinstance(reducer, Tokens):
             stored += rows * window * shape.hidden * BYTES[reducer.dtype]
         elif request.hook == LOGITS_HOOK:  # top-k log-probs (float32), indices (int32), the rest's mass
@@ -216,13 +218,15 @@ def job_work(job, shape: Shape, tokenizer) -> dict:
     patterns = any("pattern" in r.hook for r in job.requests)
     active = (job.batch_tokens * shape.vocab * 4 * 3 if logits else 0) + \
         (job.batch_tokens * window * shape.heads * 4 * 2 if patterns else 0)
-    return {"tokens": tokens, "flops": shape.flops(tokens, attended, logits), "logits": logits,
+    return {"tokens": tokens, "flops": shape.flops(tokens, attended, logits), "patterns": patterns,
             "stored": stored_bytes(job, shape), "active": active}
 
 
-def behaviour_requests(config: ExperimentConfig, tokenizer) -> tuple[list[int], int, list[str]]:
+def behaviour_requests(config: ExperimentConfig, tokenizer, answered: set[str] = frozenset()
+                       ) -> tuple[list[int], int, list[str]]:
     """(lengths of every loglikelihood forward, tokens to generate, notes) of the lm-eval tasks the behaviour stage
-    scores (its suites and the minimal pairs' tasks), built by lm-eval's own task loaders with the config's limit."""
+    scores (its suites and the minimal pairs' tasks), built by lm-eval's own task loaders with the config's limit;
+    less the empty-context requests for `answered` sentences, which the capture pass scores (one pass)."""
     from evaluation.behavior import lm_eval_tasks
     from flows.pipeline import behavior_settings
 
@@ -242,6 +246,8 @@ def behaviour_requests(config: ExperimentConfig, tokenizer) -> tuple[list[int], 
                 generated += int(instance.args[1].get("max_gen_toks", 256))
             else:
                 continuation = instance.args[1] if len(instance.args) > 1 else ""
+                if context == "" and continuation in answered:
+                    continue
                 lengths.append(len(tokenizer(context + continuation)["input_ids"]))
     if generated:
         notes.append(f"behaviour generates up to {generated:,} tokens per model (max_gen_toks; stops earlier)")
@@ -364,7 +370,8 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
         merges.disk = n_merges * weights
     stages["merges"] = merges
 
-    lengths, generated, notes = behaviour_requests(config, tokenizer)
+    scored = {r.text for task in tasks if task.scored for r in probe_inputs(task, "mean", 0)[0].requests}
+    lengths, generated, notes = behaviour_requests(config, tokenizer, scored)
     b_tokens, b_attended, longest = padded(lengths, config.behavior.batch_size)
     behaviour = Work(tokens=b_tokens + generated, notes=notes)
     behaviour.flops = shape.flops(b_tokens, b_attended, True) + 2 * generated * (shape.matmul + shape.head)
@@ -397,7 +404,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
 
         similarity.seconds += n_models * weights / rates.io + n_models * (n_models + 1) * shape.params / rates.flops
         similarity.memory = 2 * CHUNK_BYTES
-    windows = [j for j in jobs if j["logits"]]
+    windows = [j for j in jobs if j["patterns"]]
     if config.similarity.functional and windows:
         tokens = windows[0]["tokens"]
         pairs = n_models * (n_models - 1) / 2

@@ -119,23 +119,64 @@ class Batch:
     attention_mask: torch.Tensor
     rows: torch.Tensor
     weights: torch.Tensor | None = None  # [B, R, S] pooling weights (Pool), None for full token windows
+    complete: torch.Tensor | None = None  # [B] whether each row holds its whole scored text (TextLogLik)
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token lm-eval conditions an empty context on (its `prefix_token_id`: BOS, else EOS)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode_scored(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
+    """Texts encoded as lm-eval scores a continuation after an empty context: the prefix token, then the text's
+    tokens without special tokens (a text that already starts with the prefix token keeps it as its context).
+    The prefix is a special token with an empty offset, so pooling never includes it. A text longer than
+    `max_length` is cut and flagged in `complete`, so its log-likelihood is not taken for lm-eval's."""
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    prefix = prefix_token_id(tokenizer)
+    out: dict[str, list] = {"input_ids": [], "offset_mapping": [], "special_tokens_mask": [], "complete": []}
+    for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        offsets = [tuple(o) for o in offsets]
+        special = [0] * len(ids)
+        if not ids or ids[0] != prefix:
+            ids, offsets, special = [prefix, *ids], [(0, 0), *offsets], [1, *special]
+        else:
+            special[0] = 1
+        out["complete"].append(len(ids) <= max_length)
+        out["input_ids"].append(ids[:max_length])
+        out["offset_mapping"].append(offsets[:max_length])
+        out["special_tokens_mask"].append(special[:max_length])
+    return out
 
 
 class PooledInputs:
-    """Probe inputs: distinct texts, each encoded once, with pooling weights for the requests over it."""
+    """Probe inputs: distinct texts, each encoded once, with pooling weights for the requests over it.
 
-    def __init__(self, requests: Sequence[Request], max_length: int, digest: str, name: str = "requests"):
-        self.requests, self.max_length, self.digest, self.name = list(requests), max_length, digest, name
+    `scored`: the texts are also scored as wholes by lm-eval's log-likelihood (minimal pairs), so they are encoded
+    the way lm-eval encodes them (`_encode_scored`); the same forward pass then serves the probes and, through a
+    `TextLogLik` request, the behaviour scores."""
+
+    def __init__(self, requests: Sequence[Request], max_length: int, digest: str, name: str = "requests",
+                 scored: bool = False):
+        self.requests, self.max_length, self.name, self.scored = list(requests), max_length, name, scored
+        self.digest = cache_key(digest, "scored") if scored else digest
         self.n_rows = len(self.requests)
+
+    def texts(self) -> list[str]:
+        return sorted({r.text for r in self.requests})
 
     def batches(self, tokenizer, batch_tokens: int) -> Iterator[Batch]:
         requests = self.requests
-        texts = sorted({r.text for r in requests})
+        texts = self.texts()
         by_text: dict[str, list[int]] = {t: [] for t in texts}
         for i, request in enumerate(requests):
             by_text[request.text].append(i)
-        encoded = tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
-                            return_special_tokens_mask=True)
+        if self.scored:
+            encoded = _encode_scored(tokenizer, texts, self.max_length)
+        else:
+            encoded = tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                                return_special_tokens_mask=True)
+            encoded["complete"] = [False] * len(texts)  # never scored as wholes
         lengths = np.array([len(ids) for ids in encoded["input_ids"]])
         order = np.argsort(lengths, kind="stable")
         pad = tokenizer.pad_token_id
@@ -155,14 +196,15 @@ class PooledInputs:
                                      np.array(encoded["special_tokens_mask"][t], dtype=bool))
                 weights[row, :len(members), :n] = torch.from_numpy(w)
                 rows[row, :len(members)] = torch.tensor(members)
-            yield Batch(ids, mask, rows, weights)
+            complete = torch.tensor([encoded["complete"][t] for t in batch])
+            yield Batch(ids, mask, rows, weights, complete)
 
 
 def probe_inputs(task: ProbingTask, pooling: str, max_length: int) -> tuple[PooledInputs, np.ndarray]:
     """A probing task's capture inputs and, per item, the rows to concatenate (see `task_requests`)."""
     requests, item_index = task_requests(task, pooling)
     digest = cache_key("probe-inputs", task.digest, pooling, PAIR_JOIN)
-    return PooledInputs(requests, max_length, digest, name=f"probe:{task.name}"), item_index
+    return PooledInputs(requests, max_length, digest, name=f"probe:{task.name}", scored=task.scored), item_index
 
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # fp16 overflows at 65,504: refused
@@ -249,7 +291,35 @@ class TopK:
         return {"logprobs": top.values[:, None], "indices": top.indices.int()[:, None], "log_rest": rest[:, None]}
 
 
-Reducer = Pool | Tokens | PackedPattern | TopK
+@dataclass(frozen=True)
+class TextLogLik:
+    """Per request row: its whole text's summed next-token log-probs after the first token, and whether every
+    token is the greedy choice: [rows, 2] float32 (NaN where the text was cut by max_length). On inputs encoded as
+    lm-eval encodes an empty-context continuation (`PooledInputs(scored=True)`) this is lm-eval's
+    `loglikelihood` answer (tests/test_one_pass.py), computed in float32 whatever the model's precision."""
+
+    @property
+    def name(self) -> str:
+        return "loglik-float32"
+
+    @property
+    def dtype(self) -> str:
+        return "float32"
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        if batch.complete is None:
+            raise CaptureError(f"reducer {self.name} needs scored texts, not token windows")
+        ids, mask = batch.input_ids.to(logits.device), batch.attention_mask.to(logits.device)
+        targets, scored = ids[:, 1:], mask[:, 1:].bool()
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        loglik = (logp.gather(-1, targets[..., None])[..., 0] * scored).sum(-1)
+        greedy = ((logp.argmax(-1) == targets) | ~scored).all(-1)
+        loglik = torch.where(batch.complete.to(logits.device), loglik, torch.nan)
+        per_row = torch.stack([loglik, greedy.float()], dim=-1)  # [B, 2]: one text per batch row
+        return {"value": per_row[:, None].expand(-1, batch.rows.shape[1], -1)}
+
+
+Reducer = Pool | Tokens | PackedPattern | TopK | TextLogLik
 
 
 @dataclass(frozen=True)

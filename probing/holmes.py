@@ -73,6 +73,7 @@ class ProbingTask:
     ids: tuple[str, ...]
     digest: str  # sha256 of the folder's samples.csv and config: the capture/probe cache key
     competence: str = ""  # Holmes's finer label (e.g. "determiner noun agreement"), "" where unknown
+    scored: bool = False  # minimal pairs: each sentence is also scored whole by lm-eval (one pass serves both)
 
     @property
     def probe_type(self) -> str:

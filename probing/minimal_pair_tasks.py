@@ -39,7 +39,8 @@ def paradigm_task(paradigm: Paradigm) -> ProbingTask:
         inputs=tuple((sentence,) for pair in paradigm.pairs for sentence in (pair.good, pair.bad)),
         labels=np.tile(np.array([1, 0], dtype=np.int64), len(paradigm.pairs)), splits=splits,
         ids=tuple(f"{pair.pair_id}-{kind}" for pair in paradigm.pairs for kind in ("good", "bad")),
-        digest=cache_key("minimal-pair-task", TASK_VERSION, paradigm.digest), competence=paradigm.linguistics_term)
+        digest=cache_key("minimal-pair-task", TASK_VERSION, paradigm.digest), competence=paradigm.linguistics_term,
+        scored=True)
 
 
 def minimal_pair_tasks(selections: list[PairSelection] | tuple[PairSelection, ...]) -> list[ProbingTask]:

@@ -24,9 +24,9 @@ import polars as pl
 import torch
 
 from evaluation.minimal_pairs import PairSelection
-from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, Pool, probe_inputs, task_features
+from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, Pool, TextLogLik, probe_inputs, task_features
 from probing.holmes import PHENOMENA_FILE, UNKNOWN, HolmesError, ProbingTask, Span, find_tasks, unknown_datasets
-from probing.hooks import layer_hooks
+from probing.hooks import LOGITS_HOOK, layer_hooks
 from probing.minimal_pair_tasks import minimal_pair_tasks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
 from probing.store import CaptureJob, CaptureStore, ModelRef
@@ -119,11 +119,33 @@ def probe_task(features: torch.Tensor, task: ProbingTask, seeds: list[int], cont
     return ProbeTables(rows, test_items(task, split, scores.test_pred))
 
 
+LOGLIK_REQUEST = HookRequest(LOGITS_HOOK, TextLogLik())
+
+
 def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", max_length: int = 128,
                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[CaptureJob]:
-    """Per task: every probing layer (embeddings + each block's residual), pooled per request, float32."""
-    requests = tuple(HookRequest(hook, Pool()) for hook in layer_hooks(n_blocks))
-    return [CaptureJob(probe_inputs(task, pooling, max_length)[0], requests, batch_tokens) for task in tasks]
+    """Per task: every probing layer (embeddings + each block's residual), pooled per request, float32; for a task
+    whose sentences lm-eval also scores (minimal pairs), their log-likelihoods from the same forward pass."""
+    layers = tuple(HookRequest(hook, Pool()) for hook in layer_hooks(n_blocks))
+    return [CaptureJob(probe_inputs(task, pooling, max_length)[0], layers + ((LOGLIK_REQUEST,) if task.scored else ()),
+                       batch_tokens) for task in tasks]
+
+
+def scored_sentences(jobs: list[CaptureJob], store: CaptureStore, model_digest: str, precision: str
+                     ) -> dict[str, tuple[float, bool]]:
+    """Sentence -> (log-likelihood, is_greedy) from the stored passes, as lm-eval's `loglikelihood` answers an
+    empty-context request for it (what `evaluation.answered_lm` serves); sentences cut by max_length are left out,
+    and so are jobs not yet captured."""
+    answers: dict[str, tuple[float, bool]] = {}
+    for job in jobs:
+        key = job.key(LOGLIK_REQUEST, model_digest, precision)
+        if LOGLIK_REQUEST not in job.requests or not store.has(key):
+            continue
+        values = store.load(key)["value"].double().numpy()
+        for request, (loglik, greedy) in zip(job.inputs.requests, values):
+            if not np.isnan(loglik):
+                answers[request.text] = (float(loglik), bool(greedy))
+    return answers
 
 
 def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, precision: str, seeds: list[int],
@@ -135,7 +157,7 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
     started = time.perf_counter()
     named = pl.lit(model.name).alias("model")
     for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
-        keys = [job.key(request, model.digest, precision) for request in job.requests]
+        keys = [job.key(request, model.digest, precision) for request in job.requests if request != LOGLIK_REQUEST]
         stem = store.root.parent / "probes" / cache_key("probes", PROBE_VERSION, [key.digest for key in keys], seeds,
                                                        controls, mdl)
         rows_path, items_path = stem.with_suffix(".parquet"), stem.with_suffix(".items.parquet")
