@@ -360,6 +360,9 @@ def undefined_reasons(x: np.ndarray, y: np.ndarray, units: str) -> list[str | No
     return _flagged_sides(flat_x, flat_y, f"constant over the {n} {units}")
 
 
+PERFECT = 0.9995  # |r| at or above it prints as 1.000 (three decimals, the report's precision)
+
+
 def distinct_counts(values: np.ndarray) -> np.ndarray:
     """Per row of [T, n]: how many distinct values it takes."""
     ordered = np.sort(values, -1)
@@ -368,13 +371,14 @@ def distinct_counts(values: np.ndarray) -> np.ndarray:
 
 def test_flags(r: np.ndarray, distinct_x: np.ndarray, distinct_y: np.ndarray, notes: list[str | None],
                n: int) -> list[str | None]:
-    """Per test: why its r must not headline a report even where it is significant — |r| = 1 (a perfect fit over a
-    handful of units says more about the units than the relation), ties in x or y (fewer distinct values than
-    units: groups of units decide), one unit deciding r — joined by "; ", or None."""
+    """Per test: why its r must not headline a report even where it is significant — |r| = 1 as printed (|r| >=
+    `PERFECT`: a perfect fit over a handful of units says more about the units than the relation; -0.9996 reads
+    as -1.000 in the report), ties in x or y (fewer distinct values than units: groups of units decide), one unit
+    deciding r — joined by "; ", or None."""
     flags = []
     for value, kx, ky, note in zip(r, distinct_x, distinct_y, notes):
         found = [] if not np.isfinite(value) else [
-            *(["|r| = 1"] if abs(value) > 1 - 1e-9 else []), *([f"x ties ({kx} values)"] if kx < n else []),
+            *(["|r| = 1"] if abs(value) >= PERFECT else []), *([f"x ties ({kx} values)"] if kx < n else []),
             *([f"y ties ({ky} values)"] if ky < n else []), *(["one unit decides"] if note else [])]
         flags.append("; ".join(found) or None)
     return flags

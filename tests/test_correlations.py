@@ -392,3 +392,13 @@ def test_competence_is_the_same_on_every_call():
     first = competence_variables(probes)
     for _ in range(5):
         assert competence_variables(probes).equals(first)
+
+
+def test_an_r_that_prints_as_one_is_flagged_with_ties_and_lone_units():
+    """-0.9996 reads as -1.000 in the report, so it is flagged like an exact 1; 0.9994 is not; ties and a deciding
+    unit get their own flags."""
+    from reports.correlations import test_flags
+
+    flags = test_flags(np.array([-0.9996, 0.9994, 1.0, 0.5, np.nan]), np.array([5, 5, 5, 3, 5]),
+                       np.array([5, 5, 5, 5, 5]), [None, None, None, "x equal for all merges but one", None], n=5)
+    assert flags == ["|r| = 1", None, "|r| = 1", "x ties (3 values); one unit decides", None]
