@@ -1,6 +1,9 @@
 """Does bfloat16 change any conclusion? The same study run at float32 and at bfloat16, compared item by item.
 
-    nice -n 5 python bench/bench_precision.py --out bench/precision.json      # ~20 min on 2 cores
+    python bench/bench_precision.py --device cuda --out bench/precision.json   # where bfloat16 has fast kernels
+
+On a CPU without native bfloat16 (this project's 2-core AVX2 machine) bfloat16 runs 7.5x slower than float32, so the
+bfloat16 half takes hours there; run it on a GPU or a CPU with AVX-512 BF16 / AMX (docs/PERFORMANCE.md).
 
 The study: `configs/smollm2.yaml`'s base, instruct and planted `agreement` child (no merges), all 16 bundled
 minimal-pair paradigms inside (probes, every layer) and outside (minimal-pair log-likelihood), its offline domain
@@ -35,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("float32", "bfloat16")
 
 
-def study_config(precision: str, folder: Path) -> Path:
+def study_config(precision: str, folder: Path, device: str) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "smollm2.yaml").read_text())
-    config |= {"name": f"precision-{precision}", "precision": precision,
+    config |= {"name": f"precision-{precision}", "precision": precision, "device": device,
                "models": [m for m in config["models"] if m["name"] in ("base", "instruct", "agreement")],
                "similarity": {"weights": False, "functional": False}}
     config.pop("merges", None)
@@ -46,10 +49,10 @@ def study_config(precision: str, folder: Path) -> Path:
     return path
 
 
-def run(precision: str, folder: Path) -> dict:
+def run(precision: str, folder: Path, device: str) -> dict:
     run_dir = folder / precision
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(study_config(precision, folder)), "--run-dir",
+    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(study_config(precision, folder, device)), "--run-dir",
                     str(run_dir)], check=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     ledger = read_ledger(run_dir / "cache")
     stages = dict(ledger.group_by("stage").agg(pl.col("seconds").sum()).iter_rows())
@@ -110,9 +113,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "precision.json")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/merge-eval-precision"))
+    parser.add_argument("--device", default="cpu", help="the config's device: cpu, cuda, auto")
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
-    runs = {precision: run(precision, args.folder) for precision in PRECISIONS}
+    runs = {precision: run(precision, args.folder, args.device) for precision in PRECISIONS}
     tables = {precision: r.pop("tables") for precision, r in runs.items()}
     result = {"runs": runs, "probes": compare_probes(tables), "minimal_pairs": compare_pairs(tables),
               "conclusions": compare_conclusions(tables)}

@@ -35,7 +35,7 @@ from probing.capture import probe_inputs, task_features
 from probing.hooks import HookRunner
 from probing.probes import C_GRID, Split, control_labels, probe_classification, probe_regression, standardise
 from probing.minimal_pair_tasks import bundled_tasks
-from probing.stage import control_keys, probe_jobs
+from probing.stage import control_keys, layer_keys, probe_jobs
 from probing.store import CaptureStore, capture_model, model_ref
 from runstore.atomic import atomic_path
 
@@ -58,7 +58,7 @@ def task_feature_sets(names: list[str] | None, folder: Path | None = None,
         capture_model(HookRunner(*load_model(folder, options)), model, missing, store, options.precision)
     out = []
     for task, job in zip(tasks, jobs):
-        pooled = torch.stack([store.load(job.key(r, model.digest, options.precision))["value"] for r in job.requests])
+        pooled = torch.stack([store.load(key)["value"] for key in layer_keys(job, model.digest, options.precision)])
         out.append((task, task_features(pooled, probe_inputs(task, "mean", 128)[1])))
     return out
 

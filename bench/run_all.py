@@ -34,7 +34,7 @@ from runstore.atomic import atomic_path  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
-SECTIONS = ("probes", "capture", "similarity", "weights", "merges", "behaviour", "e2e")
+SECTIONS = ("probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass", "e2e")
 
 
 def machine() -> dict:
@@ -104,6 +104,13 @@ def behaviour(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     from bench_behavior import behaviour_rows
 
     return behaviour_rows(family["base"], limit=2 if quick else 10)
+
+
+def one_pass(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
+    from bench_one_pass import one_pass_rows
+
+    quick_paradigms = ("subject_verb_agreement", "determiner_noun_agreement")
+    return one_pass_rows(family["base"], pairs=10 if quick else 200, paradigms=quick_paradigms if quick else None)
 
 
 def e2e(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:

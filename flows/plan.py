@@ -32,10 +32,12 @@ MERGEKIT_SHARD_BYTES = 5e9  # mergekit's default out_shard_size: a shard is held
 # and imports, Prefect's temporary server and shutdown; lm-eval's and mergekit's first import in the process; the
 # tables, outcomes, correlations and report, which grow with the models but stay seconds.
 STARTUP_S, LM_EVAL_IMPORT_S, MERGEKIT_IMPORT_S, TABLES_S_PER_MODEL = 20.0, 10.0, 6.0, 2.0
-# Probe fits run on the CPU whatever the device: seconds per (layer x item² x (feature width + items)) for three
-# seeds, from bench/results.json's probes row (25 bundled tasks, 31 layers, ~150 items, width 576: 0.23 s a task).
-# Not calibrated on random features: the solver converges 30-60x slower on them than on real residual streams.
-PROBE_SECONDS_PER_UNIT = 4.5e-10
+# Probe fits run on the CPU whatever the device: seconds per (layer x item x feature width) for three seeds, from
+# the demo's ledger (16 bundled paradigms, 400 items, width 576, 31 layers: 5.1-6.3 s a model, 2026-12-05). The
+# older suite (25 tasks, ~150 items: 0.23 s a task) comes out at 0.56x its measured time on this rate; an item²
+# model fitted there put the new suite at 6x its measured time. Not calibrated on random features: the solver
+# converges 30-60x slower on them than on real residual streams.
+PROBE_SECONDS_PER_UNIT = 4.8e-8
 CALIBRATION_S = 5.0  # forward passes of the calibration model, at least
 
 
@@ -393,7 +395,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     for task in tasks:
         _, index = probe_inputs(task, config.probing.pooling, config.probing.max_length)
         n, width = len(index), index.shape[1] * shape.hidden
-        probes.seconds += n_models * PROBE_SECONDS_PER_UNIT * (shape.layers + 1) * n ** 2 * (width + n) * \
+        probes.seconds += n_models * PROBE_SECONDS_PER_UNIT * (shape.layers + 1) * n * width * \
             len(config.probing.seeds) / 3
         probes.memory = max(probes.memory, 3 * (shape.layers + 1) * n * width * 4)
     stages["probes"] = probes

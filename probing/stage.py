@@ -29,7 +29,7 @@ from probing.holmes import PHENOMENA_FILE, UNKNOWN, HolmesError, ProbingTask, Sp
 from probing.hooks import LOGITS_HOOK, layer_hooks
 from probing.minimal_pair_tasks import minimal_pair_tasks
 from probing.probes import Split, control_labels, online_codelength, probe_classification, probe_regression, standardise
-from probing.store import CaptureJob, CaptureStore, ModelRef
+from probing.store import CaptureJob, CaptureKey, CaptureStore, ModelRef
 from runstore.atomic import read_cached
 from runstore.cache import cache_key, record
 from runstore.tables import write_parquet
@@ -131,6 +131,11 @@ def probe_jobs(tasks: list[ProbingTask], n_blocks: int, pooling: str = "mean", m
                        batch_tokens) for task in tasks]
 
 
+def layer_keys(job: CaptureJob, model_digest: str, precision: str) -> list[CaptureKey]:
+    """The store keys of a probe job's pooled layers, in layer order (not its sentence log-likelihoods)."""
+    return [job.key(request, model_digest, precision) for request in job.requests if request != LOGLIK_REQUEST]
+
+
 def scored_sentences(jobs: list[CaptureJob], store: CaptureStore, model_digest: str, precision: str
                      ) -> dict[str, tuple[float, bool]]:
     """Sentence -> (log-likelihood, is_greedy) from the stored passes, as lm-eval's `loglikelihood` answers an
@@ -157,7 +162,7 @@ def probe_model(model: ModelRef, tasks: list[ProbingTask], store: CaptureStore, 
     started = time.perf_counter()
     named = pl.lit(model.name).alias("model")
     for task, job in zip(tasks, probe_jobs(tasks, model.n_blocks, pooling, max_length)):
-        keys = [job.key(request, model.digest, precision) for request in job.requests if request != LOGLIK_REQUEST]
+        keys = layer_keys(job, model.digest, precision)
         stem = store.root.parent / "probes" / cache_key("probes", PROBE_VERSION, [key.digest for key in keys], seeds,
                                                        controls, mdl)
         rows_path, items_path = stem.with_suffix(".parquet"), stem.with_suffix(".items.parquet")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"probes", "capture", "similarity", "weights", "merges", "behaviour"}
+SECTIONS = {"probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass"}
 
 
 def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
@@ -27,7 +27,7 @@ def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
                    ("capture", "plain forward"), ("capture", "output_hidden_states=True"),
                    ("capture", "capture, model at float32"), ("similarity", "per-pair loop"),
                    ("weights", "whole state dicts"), ("merges", "mergekit-yaml subprocess"),
-                   ("behaviour", "lm-eval, batch 1")]:
+                   ("behaviour", "lm-eval, batch 1"), ("one_pass", "capture pass + lm-eval's own pass")]:
         assert needed in baselines, needed
     assert len([r for r in rows if r["section"] == "merges"]) == 3  # linear, TIES, DARE-TIES
     for r in rows:

@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import write_tiny_config
+from polars.testing import assert_frame_equal
 
 from flows.cli import main
 from merging.checkpoints import content_digest, safetensors_problem
@@ -138,7 +139,11 @@ def _run_dir_files(root: Path) -> list[Path]:
 def test_kill_9_mid_run_then_run_again_gives_the_uninterrupted_tables(finished, tiny_family, tmp_path):
     """`merge-eval run` killed with SIGKILL once the first model's captures are stored, then run again: its
     tables equal an uninterrupted run's, frame for frame (no table has a timing column: wall times live only in
-    manifest.json and behavior_raw/*.json, outside the comparison), and no temp or partial file is left."""
+    manifest.json and behavior_raw/*.json, outside the comparison), and no temp or partial file is left.
+
+    One exception, to float64 rounding: weight features run beside the model steps, so the kill can land after
+    some of their pair entries were cached. The rerun computes the other pairs in a smaller Gram product, whose
+    blocking rounds a dot product differently in the last bits (seen: 2 of 1,354 values, equal to 6 digits)."""
     from prefect.settings import PREFECT_API_URL
 
     run = RunDir(tmp_path / "run")
@@ -161,7 +166,10 @@ def test_kill_9_mid_run_then_run_again_gives_the_uninterrupted_tables(finished, 
 
     assert main(["run", str(config), "--run-dir", str(run.root)]) == 0  # the dead holder's lock is taken over
     for name, frame in tables(run).items():
-        assert frame.equals(finished[1][name]), f"{name} differs from the uninterrupted run's"
+        if name == "similarity":
+            assert_frame_equal(frame, finished[1][name], check_exact=False, rtol=1e-12, atol=0.0)
+        else:
+            assert frame.equals(finished[1][name]), f"{name} differs from the uninterrupted run's"
     leftovers = [p for p in _run_dir_files(run.root) if is_temp_name(p.name)]
     assert leftovers == [], "temp files of the killed run are gone"
     weights = [p for p in _run_dir_files(run.root) if p.suffix == ".safetensors"]

@@ -254,7 +254,8 @@ def test_behavior_cache_cut_short_is_rescored(tiny_family, tmp_path, monkeypatch
     entry.parent.mkdir()
     entry.write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}, "merge_eval": {}})[:20])
     calls = []
-    monkeypatch.setattr(behavior, "evaluate", lambda model, tokenizer, s: calls.append(s) or {"results": {}})
+    monkeypatch.setattr(behavior, "evaluate", lambda model, tokenizer, s, answers=None: calls.append(s) or {
+        "results": {}, "merge_eval_answered": 0})
     with caplog.at_level(logging.WARNING, logger="merge_eval.cache"):
         raw = behavior.score_model(tiny_family["base"], settings, LoadOptions(), tmp_path)
     assert len(calls) == 1 and f"cache entry {entry} is unreadable (JSONDecodeError" in caplog.text
