@@ -93,8 +93,9 @@ def test_probes_on_device_captures_equal_cpu_probes(folder):
 
 @pytest.mark.slow
 def test_gpu_check_script_dry_run_on_the_cpu(tmp_path):
-    """Every step of scripts/gpu_check.sh but CUDA: the gpu tests on the CPU, the timed embedded run (bf16, two
-    probing tasks, 2 behaviour items per task), and its stages planned beside measured with tokens per second."""
+    """Every step of scripts/gpu_check.sh but CUDA: the gpu tests on the CPU, the timed embedded run (bf16 on a GPU,
+    float32 in the dry run; two probing tasks, 2 behaviour items per task), and its stages planned beside measured
+    with tokens per second."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MERGE_EVAL_GPU"))}
     done = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-dry-run"], capture_output=True, text=True,
                           timeout=1800, env=env | {"GPU_CHECK_DIR": str(tmp_path)})
