@@ -27,7 +27,7 @@ from merging.checkpoints import LoadOptions, load_model  # noqa: E402
 from probing.hooks import HookRunner  # noqa: E402
 from probing.minimal_pair_tasks import BUNDLED_DIR, minimal_pair_tasks  # noqa: E402
 from probing.stage import LOGLIK_REQUEST, probe_jobs, scored_sentences  # noqa: E402
-from probing.store import CaptureStore, capture_model, model_ref  # noqa: E402
+from probing.store import CaptureJob, CaptureStore, capture_model, model_ref  # noqa: E402
 
 
 def _loglikelihoods(raw: dict) -> dict[tuple[str, int], list[float]]:
@@ -40,10 +40,9 @@ def one_pass_rows(folder: Path, pairs: int = 200, paradigms: tuple[str, ...] | N
     selection = PairSelection("suite", str(BUNDLED_DIR), paradigms, pairs)
     tasks = minimal_pair_tasks([selection])
     jobs = probe_jobs(tasks, model.config.num_hidden_layers)
-    hidden_only = [type(job)(job.inputs, tuple(r for r in job.requests if r != LOGLIK_REQUEST), job.batch_tokens)
+    hidden_only = [CaptureJob(job.inputs, tuple(r for r in job.requests if r != LOGLIK_REQUEST), job.batch_tokens)
                    for job in jobs]
     settings = BehaviorSettings(suites=(), batch_size=16, minimal_pairs=(selection,))
-    attention = model.config._attn_implementation
     with tempfile.TemporaryDirectory() as cache:
         ref = model_ref("base", folder, Path(cache))
 
@@ -51,7 +50,6 @@ def one_pass_rows(folder: Path, pairs: int = 200, paradigms: tuple[str, ...] | N
             store = CaptureStore(Path(cache) / f"captures-{answered}")
             started = time.perf_counter()
             capture_model(HookRunner(model, tokenizer), ref, capture_jobs, store, "float32", log=lambda _: None)
-            model.set_attn_implementation(attention)
             answers = scored_sentences(capture_jobs, store, ref.digest, "float32") if answered else None
             raw = evaluate(model, tokenizer, settings, answers=answers)
             return time.perf_counter() - started, raw

@@ -25,11 +25,9 @@ class AnsweredHFLM(HFLM):
         self.answered = 0  # how many requests the last call took from `answers` (the bench and logs report it)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        known = [i for i, request in enumerate(requests)
-                 if request.args[0] == "" and request.args[1] in self.answers]
-        known_set = set(known)
-        rest = [request for i, request in enumerate(requests) if i not in known_set]
+        known = [request.args[0] == "" and request.args[1] in self.answers for request in requests]
+        rest = [request for request, answered in zip(requests, known) if not answered]
         computed = iter(super().loglikelihood(rest, disable_tqdm=disable_tqdm) if rest else [])
-        self.answered = len(known)
-        return [self.answers[request.args[1]] if i in known_set else next(computed)
-                for i, request in enumerate(requests)]
+        self.answered = sum(known)
+        return [self.answers[request.args[1]] if answered else next(computed)
+                for request, answered in zip(requests, known)]

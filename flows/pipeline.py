@@ -147,9 +147,7 @@ def model_task(name: str, folder: Path, run: RunDir,
         started = time.perf_counter()  # the one load counts to the first stage that needs it
         loaded = checkpoints.load_model(folder, options)
         if missing:
-            attention = loaded[0].config._attn_implementation
             capture_model(HookRunner(*loaded), model, missing, store, config.precision, logger.debug)
-            loaded[0].set_attn_implementation(attention)  # the runner switched to eager attention for patterns
             logger.info("captures %s: %d input set(s) in %.1f s", name, len(missing), time.perf_counter() - started)
             record(run.cache, "captures", name, False, time.perf_counter() - started)
             started = time.perf_counter()

@@ -372,7 +372,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
         merges.disk = n_merges * weights
     stages["merges"] = merges
 
-    scored = {r.text for task in tasks if task.scored for r in probe_inputs(task, "mean", 0)[0].requests}
+    scored = {text for task in tasks if task.scored for (text,) in task.inputs}  # one sentence per item
     lengths, generated, notes = behaviour_requests(config, tokenizer, scored)
     b_tokens, b_attended, longest = padded(lengths, config.behavior.batch_size)
     behaviour = Work(tokens=b_tokens + generated, notes=notes)

@@ -6,7 +6,7 @@ residual stream after block i, before the final norm), `blocks.{i}.attn.hook_pat
 attention probabilities) and `hook_unembed` (the final logits). TransformerBridge provides them on every
 architecture it can boot (and forces eager attention, so patterns exist); for the others the same names map onto
 HF modules by forward hooks (embedding, decoder layer, its self-attention's weights output, the output head),
-with eager attention switched on, so both backends see the same computation. `auto` prefers the module map: it
+with eager attention switched on while the hooks are registered, so both backends see the same computation. `auto` prefers the module map: it
 was never slower than the bridge in the capture bench, and in one run the bridge took 1.66x a plain forward pass
 against the module map's 0.86x (docs/PERFORMANCE.md).
 """
@@ -61,8 +61,6 @@ class HookRunner:
         self.bridge = self._boot_bridge(model, tokenizer) if bridge else None
         if backend == "transformer-lens" and self.bridge is None:
             raise HookError(f"transformer-lens cannot boot {model.config.model_type!r}")
-        if self.bridge is None and model.config._attn_implementation != "eager":
-            model.set_attn_implementation("eager")  # attention weights exist only in eager attention
         self.n_blocks = model.config.num_hidden_layers
         self.device = next(model.parameters()).device
 
@@ -120,8 +118,15 @@ class HookRunner:
                    for name, (module, pick) in points.items()]
         # The output head runs only when its logits are asked for (vocab × hidden per token is not free).
         model = self.model if LOGITS_HOOK in hooks else self.model.base_model
+        # Attention weights exist only in eager attention; the model gets its own implementation back afterwards,
+        # so whatever runs next on it (lm-eval's scoring) sees it as loaded.
+        attention = self.model.config._attn_implementation
+        if attention != "eager":
+            self.model.set_attn_implementation("eager")
         try:
             yield lambda ids, mask: model(input_ids=ids, attention_mask=mask)
         finally:
             for handle in handles:
                 handle.remove()
+            if attention != "eager":
+                self.model.set_attn_implementation(attention)

@@ -40,10 +40,11 @@ def test_capture_loglikelihoods_equal_lm_evals(base):
     tasks = _tasks()
     jobs = probe_jobs(tasks, model.config.num_hidden_layers)
     ours: dict[str, tuple[float, bool]] = {}
+    attention = model.config._attn_implementation
     for job in jobs:
         values = run_capture(HookRunner(model, tokenizer), job.inputs, [LOGLIK_REQUEST], batch_tokens=256)
         ours |= {r.text: (v[0].item(), bool(v[1])) for r, v in zip(job.inputs.requests, values[LOGLIK_REQUEST]["value"])}
-    model.set_attn_implementation("sdpa")  # lm-eval's own path, as the pipeline restores it
+    assert model.config._attn_implementation == attention, "the runner gives the model its attention back"
     sentences = sorted(ours)
     assert len(sentences) == 2 * 2 * 12
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=7)
@@ -68,8 +69,9 @@ def test_behaviour_reads_the_pass_and_keeps_lm_evals_scores(base, tmp_path):
     jobs = probe_jobs(tasks, model.config.num_hidden_layers)
     store = CaptureStore(tmp_path / "captures")
     ref = model_ref("base", model.name_or_path, tmp_path)
+    attention = model.config._attn_implementation
     capture_model(HookRunner(model, tokenizer), ref, jobs, store, "float32", log=lambda _: None)
-    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == attention
     answers = scored_sentences(jobs, store, ref.digest, "float32")
     assert len(answers) == 2 * 2 * 10
     settings = BehaviorSettings(suites=(), batch_size=8,
