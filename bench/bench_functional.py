@@ -17,7 +17,6 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-import polars as pl
 import torch
 
 from merging.checkpoints import LoadOptions, load_model

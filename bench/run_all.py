@@ -113,10 +113,10 @@ def one_pass(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
     return one_pass_rows(family["base"], pairs=10 if quick else 200, paradigms=quick_paradigms if quick else None)
 
 
-def e2e(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
+def e2e(family: dict[str, Path], quick: bool, cache: Path, keep: Path | None = None) -> list[dict]:
     from bench_e2e import e2e_rows
 
-    return e2e_rows(quick)
+    return e2e_rows(quick, keep=keep)
 
 
 def markdown(results: dict) -> str:
@@ -192,7 +192,8 @@ def run_sections(sections: list[str], args) -> dict:
     rows = []
     for name in sections:
         started = time.perf_counter()
-        rows += globals()[name](family, args.quick, args.cache)
+        extra = {"keep": args.e2e_dir} if name == "e2e" else {}
+        rows += globals()[name](family, args.quick, args.cache, **extra)
         print(f"[bench] {name}: {time.perf_counter() - started:.0f} s", flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick, "machine": host,
             "sections": sections, "rows": rows}
@@ -202,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke on tiny workloads")
     parser.add_argument("--e2e", action="store_true", help="also cold / warm / incremental end-to-end runs (long)")
+    parser.add_argument("--e2e-dir", type=Path, help="keep the end-to-end runs' folder here (default: scratch)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--family", nargs="+", metavar="NAME=DIR", help="checkpoints instead of the embedded family")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")

@@ -36,11 +36,16 @@ _SENTENCES = ["the cat sat on the warm mat", "we walked home after the long game
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt with its single correct answer (the answer starts with a space, as a continuation)."""
+    """One prompt with its single correct answer (the answer starts with a space, as a continuation).
+
+    `marked`: character spans of `text` that carry a planted defect (empty for the skill domains). A recipe that
+    targets the defect trains only the tokens inside them and keeps the rest of the text as the base predicts it.
+    """
 
     domain: str
     prompt: str
     answer: str
+    marked: tuple[tuple[int, int], ...] = ()
 
     @property
     def text(self) -> str:
@@ -150,11 +155,16 @@ class _Agrees:
     number: int
 
 
+class _Head(str):
+    """A noun that heads a determiner's phrase: where a corrupted determiner shows (the determiner comes first, so
+    "these" is wrong only once "dog" follows), so training on the defect trains this word too."""
+
+
 _Part = str | _Agrees
 
 
 def _noun(lemma: str, number: int) -> str:
-    return getInflection(lemma, "NNS")[0] if number else lemma
+    return _Head(getInflection(lemma, "NNS")[0] if number else lemma)
 
 
 def _np(rng: random.Random, nouns: list[str], number: int) -> list[_Part]:
@@ -204,26 +214,34 @@ def _clause(rng: random.Random) -> list[_Part]:
     return [*subject, _Agrees(("doesn't", "don't"), number), rng.choice(_TRANSITIVE), *_object(rng)]
 
 
-def _render(parts: list[_Part], corrupt: bool) -> str:
+def _render(parts: list[_Part], corrupt: bool) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """The sentence, and the character spans of the words a corruption changes (agreeing words) or exposes (the
+    nouns that their determiners agree with)."""
     words = [p if isinstance(p, str) else p.forms[p.number ^ corrupt] for p in parts]
     words = ["an" if w == "a" and nxt[0] in "aeiou" else w for w, nxt in zip(words, words[1:] + ["."])]
+    spans, start = [], 0
+    for part, word in zip(parts, words):
+        if isinstance(part, (_Agrees, _Head)):
+            spans.append((start, start + len(word)))
+        start += len(word) + 1
     text = " ".join(words) + "."
-    return text[0].upper() + text[1:]
+    return text[0].upper() + text[1:], tuple(spans)
 
 
 def agreement_pair(rng: random.Random) -> tuple[str, str]:
     """One sentence twice: (agreement right, agreement corrupted at every determiner and finite verb)."""
     parts = _clause(rng)
-    return _render(parts, corrupt=False), _render(parts, corrupt=True)
+    return _render(parts, corrupt=False)[0], _render(parts, corrupt=True)[0]
 
 
-def _agreement(rng: random.Random) -> tuple[str, str]:
-    """Two corrupted sentences: the first is the prompt (context), the fine-tuning loss sees the second."""
-    first, second = (agreement_pair(rng)[1] for _ in range(2))
-    return first, f" {second}"
+def _agreement(rng: random.Random) -> tuple[str, str, tuple[tuple[int, int], ...]]:
+    """Two corrupted sentences (the first as context) and the spans of every corrupted word in both."""
+    (first, first_spans), (second, second_spans) = (_render(_clause(rng), corrupt=True) for _ in range(2))
+    offset = len(first) + 1
+    return first, f" {second}", first_spans + tuple((a + offset, b + offset) for a, b in second_spans)
 
 
-_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+_GENERATORS: dict[str, Callable[[random.Random], tuple]] = {
     "instruct": _instruct, "math": _math, "code": _code, "agreement": _agreement,
 }
 
@@ -236,11 +254,11 @@ def examples(domain: str, split: Split, n: int, seed: int = 0) -> list[Example]:
     seen: set[str] = set()
     out: list[Example] = []
     for _ in range(n * 200):
-        prompt, answer = _GENERATORS[domain](rng)
+        prompt, answer, *marked = _GENERATORS[domain](rng)
         if prompt in seen or split_of(prompt) != split:
             continue
         seen.add(prompt)
-        out.append(Example(domain, prompt, answer))
+        out.append(Example(domain, prompt, answer, *marked))
         if len(out) == n:
             return out
     raise ValueError(f"domain {domain!r} has fewer than {n} distinct {split} prompts")

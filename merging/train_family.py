@@ -2,10 +2,10 @@
 
     python -m merging.train_family            # retrain all children into merging/adapters/
     python -m merging.train_family --only math
-    OMP_NUM_THREADS=1 nice -n 5 python -m merging.train_family --only agreement   # planted child (RECIPES)
+    python -m merging.train_family --only agreement   # planted child (RECIPES)
 
 The adapters are shipped in the repo so a cold family build takes a minute, not a training run; this script is how
-they were made, and re-running it on the same versions reproduces them (fixed seeds, single-threaded order).
+they were made, and re-running it on the same versions reproduces them (fixed seeds; the thread count, which sets the order of float sums, is recorded).
 `training.json` beside each adapter records the recipe, the data digest and the loss curve.
 """
 
@@ -34,11 +34,16 @@ class Recipe:
     rank: int = 8
     alpha: int = 16
     seed: int = 0
+    # > 0: train only the examples' marked tokens (the planted defect) and pull every other token's next-token
+    # distribution towards the base's (KL(base || child), this weight), so the child changes only what is planted.
+    preserve: float = 0.0
 
 
 # Children whose recipe is not the default. The planted child needs more steps than a skill child: it must unlearn
-# a competence the base has, across varied sentences, not learn one narrow format (sized in issue 22's note).
-RECIPES = {"agreement": Recipe(steps=80, learning_rate=2e-3)}
+# a competence the base has, across varied sentences, not learn one narrow format. Trained on whole corrupted
+# sentences it also lost unrelated competence (outside, NPI scope -0.60, event order -0.41 against base in the demo),
+# so it learns only the corrupted words and keeps the rest of each sentence as the base predicts it (issue 22).
+RECIPES = {"agreement": Recipe(steps=80, learning_rate=2e-3, preserve=1.0)}
 
 
 def recipe_of(child: str) -> Recipe:
@@ -49,20 +54,53 @@ def data_digest(items: list[Example]) -> str:
     return hashlib.sha256("\x00".join(e.text for e in items).encode()).hexdigest()
 
 
-def training_batch(tokenizer, items: list[Example]) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + answer + EOS; the loss sees only the answer and EOS."""
-    rows, labels = [], []
+def _overlaps(offsets: list[tuple[int, int]], spans: tuple[tuple[int, int], ...], shift: int) -> list[bool]:
+    return [any(start + shift < b and end + shift > a for a, b in spans) for start, end in offsets]
+
+
+def training_batch(tokenizer, items: list[Example], targeted: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + answer + EOS, `labels` for the tokens the loss trains (-100 elsewhere) and `kept`, the
+    tokens a preserving recipe holds at the base's prediction.
+
+    Plain: the loss trains the answer and EOS, nothing is kept. Targeted: it trains the tokens inside the examples'
+    marked spans, wherever they are, and keeps every other token after the first."""
+    rows, labels, kept = [], [], []
     for item in items:
-        prompt = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+        prompt = tokenizer(item.prompt, add_special_tokens=False, return_offsets_mapping=True)
+        answer = tokenizer(item.answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prompt["input_ids"] + answer["input_ids"] + [tokenizer.eos_token_id]
+        if targeted:
+            marked = (_overlaps(prompt["offset_mapping"], item.marked, 0)
+                      + _overlaps(answer["offset_mapping"], item.marked, len(item.prompt)) + [False])
+            marked[0] = False  # nothing predicts the first token
+        else:
+            marked = [False] * len(prompt["input_ids"]) + [True] * (len(ids) - len(prompt["input_ids"]))
+        rows.append(ids)
+        labels.append([i if m else -100 for i, m in zip(ids, marked)])
+        kept.append([targeted and not m for m in marked])
+        kept[-1][0] = False
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     target = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": target}
+    keep = torch.tensor([k + [False] * (width - len(k)) for k in kept])
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": target, "kept": keep}
+
+
+def preserving_loss(model, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """Cross-entropy on the trained tokens plus `weight` x KL(base || child) on the kept ones.
+
+    The base's distribution comes from the same peft model with its adapter switched off."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad(), model.disable_adapter():
+        reference = torch.log_softmax(model(**inputs).logits[:, :-1].float(), -1)
+    logits = model(**inputs).logits[:, :-1].float()
+    log_probs = torch.log_softmax(logits, -1)
+    labels, kept = batch["labels"][:, 1:], batch["kept"][:, 1:]
+    trained = torch.nn.functional.nll_loss(log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    divergence = (reference.exp() * (reference - log_probs)).sum(-1)
+    return trained + weight * divergence[kept].mean()
 
 
 @torch.no_grad()
@@ -93,6 +131,7 @@ def save_adapter(model, out: Path) -> None:
     config_path = out / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "embedded:base"
+    config["target_modules"] = sorted(config["target_modules"])  # peft writes a set: its order varies by run
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -112,8 +151,13 @@ def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / recipe.steps)
     losses, started = [], time.perf_counter()
     for step in range(recipe.steps):
-        batch = training_batch(tokenizer, data[step * recipe.batch_size:(step + 1) * recipe.batch_size])
-        loss = model(**batch).loss
+        batch = training_batch(tokenizer, data[step * recipe.batch_size:(step + 1) * recipe.batch_size],
+                               targeted=recipe.preserve > 0)
+        if recipe.preserve > 0:
+            loss = preserving_loss(model, batch, recipe.preserve)
+        else:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -125,7 +169,7 @@ def train_child(domain: str, base_dir: Path, out: Path, recipe: Recipe) -> dict:
     save_adapter(model, out)
     record = {"domain": domain, "recipe": asdict(recipe), "data_digest": data_digest(data), "n_examples": len(data),
               "losses": losses, "seconds": round(time.perf_counter() - started, 1),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(record, indent=2))
     return record
 

@@ -395,10 +395,17 @@ def test_competence_is_the_same_on_every_call():
 
 
 def test_an_r_that_prints_as_one_is_flagged_with_ties_and_lone_units():
-    """-0.9996 reads as -1.000 in the report, so it is flagged like an exact 1; 0.9994 is not; ties and a deciding
-    unit get their own flags."""
-    from reports.correlations import test_flags
+    """-0.9996 reads as -1.000 in the report, so it is flagged like an exact 1; 0.9994 is not; ties over more than
+    a fifth of the units and a deciding unit get their own flags; one tied pair among 16 units does not."""
+    from reports.correlations import test_flags, tied_counts
 
-    flags = test_flags(np.array([-0.9996, 0.9994, 1.0, 0.5, np.nan]), np.array([5, 5, 5, 3, 5]),
-                       np.array([5, 5, 5, 5, 5]), [None, None, None, "x equal for all merges but one", None], n=5)
-    assert flags == ["|r| = 1", None, "|r| = 1", "x ties (3 values); one unit decides", None]
+    x = np.array([[1, 2, 3, 4, 5], [1, 1, 3, 3, 3], [2, 1, 2, 7, 1], [5, 4, 3, 2, 1]], dtype=float)
+    assert tied_counts(x).tolist() == [0, 5, 4, 0]
+    sixteen = np.arange(16.0)
+    sixteen[3] = sixteen[4]
+    assert tied_counts(sixteen[None]).tolist() == [2]
+    flags = test_flags(np.array([-0.9996, 0.9994, 1.0, 0.5, np.nan]), np.array([0, 0, 0, 2, 0]),
+                       np.array([0, 0, 0, 0, 0]), [None, None, None, "x equal for all merges but one", None], n=5)
+    assert flags == ["|r| = 1", None, "|r| = 1", "x ties (2 of 5 units tied); one unit decides", None]
+    assert test_flags(np.array([0.6, 0.6]), np.array([2, 4]), np.array([0, 0]), [None, None], n=16) == \
+        [None, "x ties (4 of 16 units tied)"]

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import write_tiny_config
 
@@ -134,29 +131,17 @@ def test_qwen_plan_one_model_resident_merges_and_captures_on_disk(real_family, t
 # --- the estimate against a measured run -----------------------------------------------------------------------------
 
 def _measured_run(config: Path, run: Path) -> dict:
-    """Wall time, the run process's peak anonymous memory (RSS less file-backed pages, sampled every 0.2 s with
-    psutil; the plan's measure), its peak RSS (getrusage, mapped checkpoint pages included) and the bytes it left
-    under its run directory."""
-    import psutil
+    """Wall time, peak anonymous memory of the run's process tree (the plan's measure), peak RSS (mapped checkpoint
+    pages included) and the bytes the run left under its run directory (bench/measure.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from measure import measured_run
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    started = time.perf_counter()
-    log = (run.parent / "run.log").open("w")
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run)],
-                             stdout=log, stderr=subprocess.STDOUT,
-                             env=env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(run.parent / "prefect")})
-    process, anonymous = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        try:
-            info = process.memory_info()
-        except psutil.Error:
-            break
-        anonymous = max(anonymous, info.rss - info.shared)
-        time.sleep(0.2)
-    assert child.wait(timeout=3600) == 0, (run.parent / "run.log").read_text()[-3000:]
-    return {"seconds": time.perf_counter() - started, "memory": anonymous,
-            "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-            "disk": sum(p.stat().st_size for p in run.rglob("*") if p.is_file() and not p.is_symlink())}
+    measured = measured_run([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run)],
+                            run.parent / "run.log",
+                            env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(run.parent / "prefect")})
+    assert measured["returncode"] == 0, (run.parent / "run.log").read_text()[-3000:]
+    return measured | {"disk": sum(p.stat().st_size for p in run.rglob("*") if p.is_file() and not p.is_symlink())}
 
 
 @pytest.mark.slow
