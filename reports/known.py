@@ -71,13 +71,16 @@ def known_effects(config: dict | None) -> list[KnownEffect]:
 
 
 def _side(rows: pl.DataFrame, side: str, sign: int) -> dict:
-    """Whether any target test of one side resolves in the declared direction; its strongest, and the bands."""
-    hits = rows.filter((pl.col("side") == side) & pl.col("significant") & (pl.col("diff") * sign > 0))
+    """Whether any target test of one side resolves in the declared direction; its strongest, the bands, and how
+    many target tests resolve the other way (a planted loss that shows up as a gain is reported, not hidden)."""
+    resolved = rows.filter((pl.col("side") == side) & pl.col("significant"))
+    hits, against = resolved.filter(pl.col("diff") * sign > 0), resolved.filter(pl.col("diff") * sign < 0)
     tested = rows.filter(pl.col("side") == side)
     bands = [b for b in BANDS if b in set(hits["band"].drop_nulls())]
     first = hits.filter(pl.col("band") == bands[0]) if bands else hits
     strongest = first.sort(pl.col("diff").abs(), descending=True).head(1).to_dicts()
-    return {"tested": tested.height, "found": hits.height > 0, "hits": hits.height, "bands": bands,
+    return {"tested": tested.height, "found": hits.height > 0, "hits": hits.height, "against": against.height,
+            "bands": bands,
             "first_band": bands[0] if bands else None, "strongest": strongest[0] if strongest else None}
 
 

@@ -86,6 +86,8 @@ def test_the_known_answer_names_what_was_found_and_the_false_positives(changed):
                                                                "direction": "better"}]})[0], changed, None, None,
                              PHENOMENA)
     assert not wrong_way["inside"]["found"] and not wrong_way["outside"]["found"]
+    assert answer["inside"]["against"] == 0 and wrong_way["inside"]["against"] == answer["inside"]["hits"] > 0
+    assert wrong_way["outside"]["against"] == answer["outside"]["hits"] > 0
 
 
 @pytest.mark.parametrize("entry, message", [
