@@ -269,16 +269,6 @@ def padded(lengths: list[int], batch_size: int) -> tuple[int, float, int]:
 
 # --- calibration ---------------------------------------------------------------------------------------------------
 
-def resident_weights(config: ExperimentConfig, base: dict, weights: float) -> float:
-    """Bytes of one loaded model's weights in anonymous memory. None where the config puts the model on the CPU
-    (`device: cpu`; `auto` may find a GPU where the run happens) at the dtype its checkpoint stores: safetensors
-    pages are mapped and used in place (measured: loading the 0.54 GB embedded base grows the process's anonymous
-    memory by 0.17 GB, and its file-backed pages by 0.54 GB once a forward pass touched them). Else all of them: a
-    cast copies them; on a GPU, read them as device memory."""
-    stored = base.get("dtype") or base.get("torch_dtype")
-    return 0.0 if config.device == "cpu" and stored == config.precision else weights
-
-
 def _device(config: ExperimentConfig) -> str:
     from flows.pipeline import load_options
 
@@ -366,7 +356,6 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     n_models = len(config.model_names)
     n_merges, n_parents = len(config.merge_names), len(config.models)
     weights = shape.params * BYTES[config.precision]
-    resident = resident_weights(config, base, weights)
     stages: dict[str, Work] = {}
 
     parents = Work(notes=[f"{n_parents} parent(s) of {shape.params / 1e9:.2f}B parameters, "
@@ -389,7 +378,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     behaviour = Work(tokens=b_tokens + generated, notes=notes)
     behaviour.flops = shape.flops(b_tokens, b_attended, True) + 2 * generated * (shape.matmul + shape.head)
     behaviour.seconds = LM_EVAL_IMPORT_S + n_models * behaviour.flops / rates.flops
-    behaviour.memory = resident + 3 * min(config.behavior.batch_size, len(lengths) or 1) * longest * shape.vocab * 4
+    behaviour.memory = weights + 3 * min(config.behavior.batch_size, len(lengths) or 1) * longest * shape.vocab * 4
     behaviour.flops *= n_models
     behaviour.tokens *= n_models
     stages["behaviour"] = behaviour
@@ -399,7 +388,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     captures.flops = n_models * sum(j["flops"] for j in jobs)
     captures.seconds = captures.flops / rates.flops
     # a job's outputs are all held until stored, beside the batch in flight
-    captures.memory = resident + max([j["stored"] + j["active"] for j in jobs], default=0)
+    captures.memory = weights + max([j["stored"] + j["active"] for j in jobs], default=0)
     stages["captures"] = captures
 
     probes = Work()
@@ -433,10 +422,6 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     for work in stages.values():
         total.add(work)
     total.memory = rates.baseline + total.memory
-    if not resident:
-        total.notes.append(f"weights ({weights / 1e9:.2f} GB a model) are mapped from their checkpoint, not copied: "
-                           f"page cache, left out of peak memory; the model in use runs at speed while they stay in "
-                           f"RAM")
     device = config.device if config.device != "auto" else f"auto ({_device(config)} here)"
     return {"config": config.name, "models": n_models, "merges": n_merges, "precision": config.precision,
             "device": device, "params": shape.params, "rates": rates, "stages": stages, "total": total,
