@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from measure import measured_run  # noqa: E402
+from measure import bytes_under, measured_run  # noqa: E402
 from runstore.cache import read_ledger  # noqa: E402
 
 ADDED = {"method": "task_arithmetic", "label": "ta07", "parameters": {"weight": 0.7}}
@@ -76,7 +76,7 @@ def planned_total(path: Path):
 
 def plan_rows(planned, folder: Path, cold: dict, workload: str) -> list[dict]:
     """The plan of the cold run against what the run measured: time, peak anonymous memory, disk written."""
-    disk = sum(p.stat().st_size for p in (folder / "run").rglob("*") if p.is_file() and not p.is_symlink())
+    disk = bytes_under(folder / "run")
     pairs = {"time (s)": (planned.seconds, cold["seconds"]), "peak anonymous memory (GB)":
              (planned.memory / 1e9, cold["memory"] / 1e9), "disk written (GB)": (planned.disk / 1e9, disk / 1e9)}
     return [{"section": "e2e", "workload": workload, "ours": f"plan: {what}", "ours_s": plan_value,

@@ -369,18 +369,13 @@ PERFECT = 0.9995  # |r| at or above it prints as 1.000 (three decimals, the repo
 TIED_SHARE = 0.2
 
 
-def distinct_counts(values: np.ndarray) -> np.ndarray:
-    """Per row of [T, n]: how many distinct values it takes."""
-    ordered = np.sort(values, -1)
-    return 1 + (np.diff(ordered, axis=-1) != 0).sum(-1)
-
-
-def tied_counts(values: np.ndarray) -> np.ndarray:
-    """Per row of [T, n]: how many units share their value with at least one other unit."""
-    ordered = np.sort(values, -1)
-    equal = np.diff(ordered, axis=-1) == 0
+def distinct_and_tied(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of [T, n], from one sort: how many distinct values it takes, and how many units share their value
+    with at least one other unit."""
+    equal = np.diff(np.sort(values, -1), axis=-1) == 0
     no = np.zeros((len(values), 1), dtype=bool)
-    return (np.concatenate([equal, no], -1) | np.concatenate([no, equal], -1)).sum(-1)
+    tied = (np.concatenate([equal, no], -1) | np.concatenate([no, equal], -1)).sum(-1)
+    return values.shape[-1] - equal.sum(-1), tied
 
 
 def test_flags(r: np.ndarray, tied_x: np.ndarray, tied_y: np.ndarray, notes: list[str | None],
@@ -407,8 +402,7 @@ def correlate_block(x: np.ndarray, y: np.ndarray, units: str, seed: int, resampl
     it was drawn), reason, note and flags for tests over the same number of units (rows of x, y [T, n]), with the
     test's row index in `test`. Below `min_distinct` distinct x values a test gets a reason, no r."""
     tests, n = x.shape
-    distinct_x = distinct_counts(x)
-    tied_x, tied_y = tied_counts(x), tied_counts(y)
+    (distinct_x, tied_x), (_, tied_y) = distinct_and_tied(x), distinct_and_tied(y)
     reasons = [reason or too_few_values(int(k), n, units, min_distinct)
                for reason, k in zip(undefined_reasons(x, y, units), distinct_x)]
     ok = np.flatnonzero([reason is None for reason in reasons])

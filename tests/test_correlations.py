@@ -397,13 +397,13 @@ def test_competence_is_the_same_on_every_call():
 def test_an_r_that_prints_as_one_is_flagged_with_ties_and_lone_units():
     """-0.9996 reads as -1.000 in the report, so it is flagged like an exact 1; 0.9994 is not; ties over more than
     a fifth of the units and a deciding unit get their own flags; one tied pair among 16 units does not."""
-    from reports.correlations import test_flags, tied_counts
+    from reports.correlations import distinct_and_tied, test_flags
 
     x = np.array([[1, 2, 3, 4, 5], [1, 1, 3, 3, 3], [2, 1, 2, 7, 1], [5, 4, 3, 2, 1]], dtype=float)
-    assert tied_counts(x).tolist() == [0, 5, 4, 0]
+    assert distinct_and_tied(x)[1].tolist() == [0, 5, 4, 0]
     sixteen = np.arange(16.0)
     sixteen[3] = sixteen[4]
-    assert tied_counts(sixteen[None]).tolist() == [2]
+    assert distinct_and_tied(sixteen[None])[1].tolist() == [2]
     flags = test_flags(np.array([-0.9996, 0.9994, 1.0, 0.5, np.nan]), np.array([0, 0, 0, 2, 0]),
                        np.array([0, 0, 0, 0, 0]), [None, None, None, "x equal for all merges but one", None], n=5)
     assert flags == ["|r| = 1", None, "|r| = 1", "x ties (2 of 5 units tied); one unit decides", None]

@@ -134,14 +134,14 @@ def _measured_run(config: Path, run: Path) -> dict:
     """Wall time, peak anonymous memory of the run's process tree (the plan's measure), peak RSS (mapped checkpoint
     pages included) and the bytes the run left under its run directory (bench/measure.py)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from measure import measured_run
+    from measure import bytes_under, measured_run
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     measured = measured_run([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run)],
                             run.parent / "run.log",
                             env | {"PYTHONPATH": str(ROOT), "PREFECT_HOME": str(run.parent / "prefect")})
     assert measured["returncode"] == 0, (run.parent / "run.log").read_text()[-3000:]
-    return measured | {"disk": sum(p.stat().st_size for p in run.rglob("*") if p.is_file() and not p.is_symlink())}
+    return measured | {"disk": bytes_under(run)}
 
 
 @pytest.mark.slow
