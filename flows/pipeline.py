@@ -73,8 +73,8 @@ def merge_task(lineage: MergeLineage, parents: dict[str, Path], run: RunDir, con
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight_task(parents: dict[str, Path], run: RunDir, config: ExperimentConfig) -> list[str]:
-    """Fail before any merge is written when the parents cannot be merged meaningfully (a passing check of the same
-    parents is remembered in the run's cache)."""
+    """Fail before any merge is written when the merges' parents cannot be merged meaningfully (a passing check of
+    the same parents is remembered in the run's cache)."""
     warnings = cached_preflight(parents, base=config.base, merge_dtype=config.precision, cache_dir=run.cache)
     for line in warnings:
         get_run_logger().warning("preflight: %s", line)
@@ -323,8 +323,10 @@ def run_study(config: ExperimentConfig, run: RunDir) -> list[Failure]:
     spec, failures = config.orchestration, []
     retrying = retry_options(spec)
     parents = dict(resolve_parents(config, run))
-    preflight_task(parents, run, config)
     lineages = merge_lineages(config)
+    merged_from = {name for lineage in lineages for name in (*lineage.parents, lineage.base)}
+    if lineages:  # a model that no merge reads (the untied number_erased child) need not be mergeable with the rest
+        preflight_task({name: folder for name, folder in parents.items() if name in merged_from}, run, config)
     merged = {lineage.model: merge_task.with_options(**retrying).submit(lineage, parents, run, config)
               for lineage in lineages}
     folders = {**parents, **merged}  # a merge's later tasks take its folder from its merge future

@@ -28,7 +28,8 @@ FAMILY_VERSION = "1"  # bumped when the build code changes what a member folder 
 CHILDREN = DOMAINS  # children with a skill of their own, each scored by its own behaviour task
 PLANTED_CHILDREN = PLANTED  # children with a defect known in advance, the pipeline's known answer (issue 22)
 ADAPTED = (*CHILDREN, *PLANTED_CHILDREN)  # every member made by applying a shipped adapter to the base
-MEMBERS = ("base", *ADAPTED)
+ERASED = ("number_erased",)  # members made by folding shipped concept erasers into the base (merging.erase)
+MEMBERS = ("base", *ADAPTED, *ERASED)
 # Text whose token ids must survive the safetensors round trip unchanged (AutoTokenizer may reinterpret a saved
 # tokenizer by model_type, so we check rather than trust).
 TOKENIZER_PROBE = "Question: Ann has 12 apples.\nAnswer: 12 + 7 = 19.\ndef f(x):\n    return x * 2  # ünïcode"
@@ -132,6 +133,26 @@ def _build_child(child: str, out_parent: Path, base_dir: Path, base_key: str) ->
     return final
 
 
+def _build_erased(member: str, out_parent: Path, base_dir: Path, base_key: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merging.erase import ERASER_ROOT, apply_erasers
+
+    weights = ERASER_ROOT / member / "erasers.safetensors"
+    if not weights.is_file():
+        raise FamilyError(f"no erasers for {member!r} at {weights}; run: python -m merging.erase")
+    key = _key(base_key, file_digest(weights), "erased")
+    final = out_parent / f"{member}-{key}"
+    if _is_complete(final):
+        return final
+    with atomic_dir(final, replace=False) as build:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        apply_erasers(model, safetensors.torch.load_file(weights))
+        _save_pretrained(model, AutoTokenizer.from_pretrained(base_dir), build)
+        _write_member(build, {"member": member, "erasers": str(weights), "key": key, "base_key": base_key})
+    return final
+
+
 def build_family(members: tuple[str, ...] = MEMBERS, root: Path | None = None) -> dict[str, Path]:
     """Build (or find in the cache) the requested family members; returns member -> checkpoint folder."""
     unknown = sorted(set(members) - set(MEMBERS))
@@ -145,6 +166,9 @@ def build_family(members: tuple[str, ...] = MEMBERS, root: Path | None = None) -
     for child in ADAPTED:
         if child in members:
             paths[child] = _build_child(child, out_parent, paths["base"], base_key)
+    for member in ERASED:
+        if member in members:
+            paths[member] = _build_erased(member, out_parent, paths["base"], base_key)
     return {name: paths[name] for name in members}
 
 

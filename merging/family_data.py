@@ -157,14 +157,21 @@ class _Agrees:
 
 class _Head(str):
     """A noun that heads a determiner's phrase: where a corrupted determiner shows (the determiner comes first, so
-    "these" is wrong only once "dog" follows), so training on the defect trains this word too."""
+    "these" is wrong only once "dog" follows), so training on the defect trains this word too. `number`: 0 or 1."""
+
+    number: int
+
+    def __new__(cls, word: str, number: int) -> _Head:
+        head = super().__new__(cls, word)
+        head.number = number
+        return head
 
 
 _Part = str | _Agrees
 
 
 def _noun(lemma: str, number: int) -> str:
-    return _Head(getInflection(lemma, "NNS")[0] if number else lemma)
+    return _Head(getInflection(lemma, "NNS")[0] if number else lemma, number)
 
 
 def _np(rng: random.Random, nouns: list[str], number: int) -> list[_Part]:
@@ -228,6 +235,15 @@ def _render(parts: list[_Part], corrupt: bool) -> tuple[str, tuple[tuple[int, in
     return text[0].upper() + text[1:], tuple(spans)
 
 
+def number_sentence(rng: random.Random) -> tuple[str, tuple[tuple[int, int, int], ...]]:
+    """A grammatical sentence and (start, end, number) for each of its words that carry number: determiners, nouns
+    after a determiner and finite verbs (the concept the erased child loses, merging/erase.py)."""
+    parts = _clause(rng)
+    text, spans = _render(parts, corrupt=False)
+    numbered = [p for p in parts if isinstance(p, (_Agrees, _Head))]
+    return text, tuple((a, b, part.number) for (a, b), part in zip(spans, numbered))
+
+
 def agreement_pair(rng: random.Random) -> tuple[str, str]:
     """One sentence twice: (agreement right, agreement corrupted at every determiner and finite verb)."""
     parts = _clause(rng)
@@ -239,6 +255,19 @@ def _agreement(rng: random.Random) -> tuple[str, str, tuple[tuple[int, int], ...
     (first, first_spans), (second, second_spans) = (_render(_clause(rng), corrupt=True) for _ in range(2))
     offset = len(first) + 1
     return first, f" {second}", first_spans + tuple((a + offset, b + offset) for a, b in second_spans)
+
+
+def number_sentences(split: Split, n: int, seed: int = 0) -> list[tuple[str, tuple[tuple[int, int, int], ...]]]:
+    """`n` distinct grammatical sentences of `split` with their number-carrying words (`number_sentence`)."""
+    rng = random.Random(f"number/{split}/{seed}")
+    seen: dict[str, tuple] = {}
+    for _ in range(n * 200):
+        text, spans = number_sentence(rng)
+        if text not in seen and split_of(text) == split:
+            seen[text] = spans
+            if len(seen) == n:
+                return list(seen.items())
+    raise ValueError(f"fewer than {n} distinct {split} number sentences")
 
 
 _GENERATORS: dict[str, Callable[[random.Random], tuple]] = {

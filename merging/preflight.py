@@ -43,14 +43,16 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_structure(checkpoints: dict[str, StreamedCheckpoint], reference: str) -> list[str]:
-    """Same tensor names and shapes as `reference` (headers only); tied vs untied output heads named as such."""
+def check_structure(checkpoints: dict[str, StreamedCheckpoint], reference: str, heads_must_tie_alike: bool = True
+                    ) -> list[str]:
+    """Same tensor names and shapes as `reference` (headers only); tied vs untied output heads named as such, unless
+    `heads_must_tie_alike` is off (comparing weights, not merging them: the reference's tensors are compared)."""
     problems = []
     ref = checkpoints[reference]
     for name, checkpoint in checkpoints.items():
         if name == reference:
             continue
-        if (TIED_HEAD in ref.shapes) != (TIED_HEAD in checkpoint.shapes):
+        if heads_must_tie_alike and (TIED_HEAD in ref.shapes) != (TIED_HEAD in checkpoint.shapes):
             untied, tied = (reference, name) if TIED_HEAD in ref.shapes else (name, reference)
             problems.append(f"embeddings: {tied!r} ties its output head to the input embedding (no {TIED_HEAD}) "
                             f"but {untied!r} has its own {TIED_HEAD}; merging them mixes a head with an embedding")

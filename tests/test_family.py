@@ -103,7 +103,7 @@ def test_family_is_real_smollm2(family):
     config = AutoConfig.from_pretrained(family["base"])
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == \
         ("llama", 30, 576, 49152)
-    assert set(family) == set(MEMBERS) == {"base", *CHILDREN, "agreement"}
+    assert set(family) == set(MEMBERS) == {"base", *CHILDREN, "agreement", "number_erased"}
 
 
 def test_warm_build_reuses_the_cache(family):

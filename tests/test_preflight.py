@@ -143,3 +143,17 @@ def test_a_passing_preflight_is_remembered_by_content(variants, tmp_path, monkey
     with pytest.raises(PreflightError, match="MistralForCausalLM"):
         cached_preflight(models, "base", "float32", tmp_path / "cache")
     assert read_ledger(tmp_path / "cache").select("hit").to_series().to_list() == [False, True]
+
+
+def test_weight_features_compare_an_untied_head_on_the_tensors_both_store(variants):
+    """A model with its own head next to a tied base (the number_erased child) is not a merge problem for weight
+    features: they compare the tensors both store. Here every one equals the base's, so the pair is at distance 0
+    although the untied head is a fresh matrix."""
+    import polars as pl
+
+    from probing.similarity.weights import weight_features
+
+    frame = weight_features({"base": variants["base"], "untied": variants["untied"]}, "base")
+    pair = pl.col("model_a").is_in(["base", "untied"]) & pl.col("model_b").is_in(["base", "untied"])
+    rows = frame.filter(pair & (pl.col("feature") == "l2_distance") & (pl.col("scope") == "global"))
+    assert rows.height == 1 and rows["value"][0] == 0

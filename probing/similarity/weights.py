@@ -109,21 +109,23 @@ def accumulate(models: dict[str, Path], base: str, zero_rtol: float = ZERO_RTOL,
     """One streamed pass over every checkpoint: sufficient statistics per scope (the Gram rows of the models named
     in `rows_of` only, in that order, when given).
 
-    Tensor names and shapes must agree (run `merging.preflight.check_structure` first; it is called here too).
+    Tensor names and shapes must agree, but for an untied output head (`merging.preflight.check_structure`).
     """
     from merging.preflight import PreflightError, check_structure
 
     names = list(models)
     checkpoints = [StreamedCheckpoint(models[name], remap_bytes=chunk_bytes // len(names)) for name in names]
     try:
-        problems = check_structure(dict(zip(names, checkpoints)), reference=base)
+        # A model with its own output head next to tied ones (the number_erased child) is compared on the tensors
+        # all of them store: its head is the base's embedding, unchanged.
+        problems = check_structure(dict(zip(names, checkpoints)), reference=base, heads_must_tie_alike=False)
         if problems:
             raise PreflightError(problems)
         max_elements = max(1, min(chunk_bytes // (16 * len(names)), _EXACT_FLOAT32_COUNT - 1))
         base_index = names.index(base)
         picked = None if rows_of is None else [names.index(name) for name in rows_of]
         totals: dict[Key, Stats] = {}
-        tensor_names = checkpoints[base_index].names
+        tensor_names = [t for t in checkpoints[base_index].names if all(t in c.shapes for c in checkpoints)]
         for name, chunks in tqdm(stream_chunks(checkpoints, tensor_names, max_elements), desc="weight features",
                                  disable=None, leave=False):
             stats = chunk_stats(chunks, base_index, zero_rtol, picked)
