@@ -9,6 +9,7 @@ through a temp file + rename, so an interrupted capture leaves an entry whole or
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -37,10 +38,10 @@ class CaptureKey:
     max_length: int
     version: str = CAPTURE_VERSION
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """The key of the fields as a flat dict: what `asdict` gives for these str and int fields, without its
-        recursive copy (a warm run computes ~20,000 of these keys, and asdict was half their cost)."""
+        recursive copy; computed once per key (a warm run needs ~20,000 of them, and `missing` reads each thrice)."""
         return cache_key("capture", {f.name: getattr(self, f.name) for f in fields(self)})
 
 

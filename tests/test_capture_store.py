@@ -105,8 +105,8 @@ def test_float16_storage_and_unknown_hooks_are_refused(tiny_family):
 
 
 def test_a_capture_key_is_the_digest_of_its_fields():
-    """Stored captures are named by these digests: computing them faster must not rename a single entry (the
-    literal is this key's digest as `cache_key("capture", asdict(key))` gave it)."""
+    """Stored captures are named by these digests: computing them faster (and once per key) must not rename a
+    single entry (the literal is this key's digest as `cache_key("capture", asdict(key))` gave it)."""
     from dataclasses import asdict
 
     from probing.store import CaptureKey
@@ -114,3 +114,4 @@ def test_a_capture_key_is_the_digest_of_its_fields():
 
     key = CaptureKey("a" * 32, "b" * 32, "blocks.3.hook_resid_post", "pool-float32", "float32", 128)
     assert key.digest == cache_key("capture", asdict(key)) == "fcabed8b2ee0f59dedc2b692de63bee4"
+    assert key.digest is key.digest, "computed once per key"
