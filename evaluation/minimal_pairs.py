@@ -13,6 +13,7 @@ reader's version, so a changed paradigm recomputes its own captures and probes a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -130,13 +131,23 @@ def _pair(record: object, path: Path, number: int) -> Pair:
 
 
 def read_paradigm(path: str | Path, source: str, pairs: int | None = None) -> Paradigm:
-    """One `data/<UID>.jsonl`, its first `pairs` lines (all when None), checked line by line."""
+    """One `data/<UID>.jsonl`, its first `pairs` lines (all when None), checked line by line.
+
+    The file is read every time but parsed once per process for the same bytes (`_parse_paradigm`): a run reads its
+    suite for every model (capture jobs, the behaviour cache key, probing tasks), and parsing is the cost."""
     path = Path(path)
     try:
-        lines = path.read_bytes().splitlines()
+        data = path.read_bytes()
     except OSError as error:
         raise MinimalPairError(f"{path}: cannot be read ({error.strerror})") from None
-    lines = [line for line in lines if line.strip()][:pairs]
+    return _parse_paradigm(path, source, pairs, data)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_paradigm(path: Path, source: str, pairs: int | None, data: bytes) -> Paradigm:
+    """`read_paradigm` of `data`, the bytes of `path`: memoised by those bytes themselves, so an edited file is
+    parsed again (a Paradigm is immutable, so every caller can share it; a file that fails is not memoised)."""
+    lines = [line for line in data.splitlines() if line.strip()][:pairs]
     if not lines:
         raise MinimalPairError(f"{path}: no pairs")
     first, read, ids = None, [], {}

@@ -16,9 +16,10 @@ streams weights tensor by tensor for preflight, merges and weight features, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flows.config import ExperimentConfig, load_config
@@ -39,6 +40,7 @@ STARTUP_S, LM_EVAL_IMPORT_S, MERGEKIT_IMPORT_S, TABLES_S_PER_MODEL = 20.0, 10.0,
 # converges 30-60x slower on them than on real residual streams.
 PROBE_SECONDS_PER_UNIT = 4.8e-8
 CALIBRATION_S = 5.0  # forward passes of the calibration model, at least
+SHAPES = "shapes"  # the user's merge-eval cache's folder of remembered model shapes (remembered_shape)
 
 
 class PlanError(UserError):
@@ -156,12 +158,37 @@ def config_file(config: ExperimentConfig, name: str) -> Path:
 
 
 def model_shape(config: ExperimentConfig, path: Path) -> Shape:
-    """The architecture's counts from a config.json (`path`, or the config.json in folder `path`)."""
+    """The architecture's counts from a config.json (`path`, or the config.json in folder `path`); remembered
+    (`remembered_shape`) unless the config brings its own code (auto_map)."""
     path = path / "config.json" if path.is_dir() else path
     try:
-        return Shape.from_config(json.loads(path.read_text()), config.trust_remote_code)
+        model_config = json.loads(path.read_text())
+        if isinstance(model_config, dict) and "auto_map" in model_config:
+            return Shape.from_config(model_config, config.trust_remote_code)
+        return remembered_shape(model_config)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise PlanError(f"{path}: cannot size the model ({type(error).__name__}: {error})") from None
+
+
+def remembered_shape(model_config: dict) -> Shape:
+    """`Shape.from_config`, kept in the user's merge-eval cache (`SHAPES`) by the config, this module's code and
+    the versions of transformers and torch: building even a meta-device model imports transformers' modelling
+    code, ~1.5 s of every run's validation (its disk estimate) on the 2-core machine, which a run whose stages are
+    all cached never needs otherwise. A memo that cannot be written is left out."""
+    from importlib.metadata import version
+
+    from merging.family import cache_root
+    from runstore.atomic import atomic_write_text, read_cached
+    from runstore.cache import cache_key, code_version
+
+    key = cache_key("shape", code_version(__file__), version("transformers"), version("torch"), model_config)
+    memo = cache_root() / SHAPES / f"{key}.json"
+    shape = read_cached(memo, lambda found: Shape(**json.loads(found.read_text())))
+    if shape is None:
+        shape = Shape.from_config(model_config)
+        with contextlib.suppress(OSError):
+            atomic_write_text(memo, json.dumps(asdict(shape)))
+    return shape
 
 
 def tokenizer_of(folder: Path):

@@ -110,6 +110,27 @@ def test_pair_items_concatenate(tmp_path, tiny_family):
     np.testing.assert_array_equal(features[:, 0, 32:], pooled[:, 1])
 
 
+def test_probe_inputs_are_built_once_per_task_content_and_settings(tmp_path, monkeypatch):
+    """A warm run asks for every task's inputs twice per model: the same content (a task read again) and settings
+    build them once; other settings or content build their own."""
+    import probing.capture as capture_module
+    from probing.holmes import read_task
+
+    built = []
+    monkeypatch.setattr(capture_module, "task_requests", lambda task, pooling: built.append(task.name) or
+                        task_requests(task, pooling))
+    items = [{"inputs": [TEXTS[i % 3]], "context": [], "label": i % 2, "split": "train"} for i in range(4)]
+    folder = write_task(tmp_path / "t", "t", "syntax", "SENTENCE", ["a", "b"], items)
+    inputs, index = capture_module.probe_inputs(read_task(folder), "mean", 128)
+    again = capture_module.probe_inputs(read_task(folder), "mean", 128)
+    assert again[0] is inputs and again[1] is index and built == ["t"]
+    assert capture_module.probe_inputs(read_task(folder), "last", 128)[0].digest != inputs.digest
+    assert capture_module.probe_inputs(read_task(folder), "mean", 64)[0].max_length == 64 and len(built) == 3
+    other = read_task(write_task(tmp_path / "u", "t", "syntax", "SENTENCE", ["a", "b"], items[::-1]))
+    assert [r.text for r in capture_module.probe_inputs(other, "mean", 128)[0].requests] == [
+        TEXTS[0], TEXTS[2], TEXTS[1]] and len(built) == 4
+
+
 def test_each_distinct_text_runs_once_with_every_request_pooled_from_it(tmp_path, tiny_family):
     """Bundled tasks ask several spans of one text (antonym_pair: 400 requests over 200 texts): the capture runs
     each distinct text through the model once, and every request pooled from that pass equals the request

@@ -14,7 +14,7 @@ from probing.similarity.functional import functional_jobs
 from probing.similarity.unlabeled import TokenWindows
 from probing.minimal_pair_tasks import BUNDLED_DIR
 from probing.stage import load_tasks, probe_jobs
-from probing.store import CaptureStore, capture_model, model_ref
+from probing.store import CaptureJob, CaptureStore, ModelRef, capture_model, model_ref
 
 WINDOWS = TokenWindows(tokens=96, window=24)
 
@@ -72,9 +72,46 @@ def test_fallback_backend_gives_the_same_store(tiny_family, tmp_path):
     assert tokens.dtype == torch.bfloat16 and tokens.shape == (4, 24, 32)
 
 
+def test_missing_opens_an_entry_until_its_size_is_recorded(tmp_path, monkeypatch):
+    """Every warm run asks the store what each model misses: an entry found whole is recorded with its size and
+    then counted whole by that size without opening it; one cut short since is opened, removed and missing."""
+    import probing.store as store_module
+
+    store, model = CaptureStore(tmp_path / "captures"), ModelRef("m", tmp_path, "d" * 32, 2, 64)
+    jobs = functional_jobs(WINDOWS, model.n_blocks, top_k=8) + functional_jobs(TokenWindows(48, 24), 2, 8)
+    keys = [job.key(r, model.digest, "float32") for job in jobs for r in job.requests]
+    for i, key in enumerate(keys):
+        store.save(key, {"value": torch.zeros(4, i + 1)}, {"model": "m"})
+    opened, check_header = [], store_module._check_header
+    monkeypatch.setattr(store_module, "_check_header", lambda path: opened.append(path) or check_header(path))
+    assert store.missing(jobs, model, "float32") == [] and len(opened) == len(keys) == 2 * 6
+    opened.clear()
+    assert store.missing(jobs, model, "float32") == [] and opened == [], "counted whole by their recorded sizes"
+    cut = store.path(keys[0])
+    cut.write_bytes(cut.read_bytes()[:-8])
+    assert store.missing(jobs, model, "float32") == [CaptureJob(jobs[0].inputs, jobs[0].requests[:1])]
+    assert opened == [cut] and not cut.exists()
+    store.save(keys[0], {"value": torch.ones(4, 3)}, {"model": "m"})
+    opened.clear()
+    assert store.missing(jobs, model, "float32") == [] and opened == [cut], "a new entry is opened once"
+
+
 def test_float16_storage_and_unknown_hooks_are_refused(tiny_family):
     runner = HookRunner(*load_model(tiny_family["base"], LoadOptions()), backend="torch-hooks")
     with pytest.raises(CaptureError, match="float16 overflows at 65,504"):
         run_capture(runner, WINDOWS, [HookRequest("hook_embed", Tokens("float16"))])
     with pytest.raises(HookError, match="blocks.7.hook_resid_post"):
         run_capture(runner, WINDOWS, [HookRequest("blocks.7.hook_resid_post", Tokens())])
+
+
+def test_a_capture_key_is_the_digest_of_its_fields():
+    """Stored captures are named by these digests: computing them faster (and once per key) must not rename a
+    single entry (the literal is this key's digest as `cache_key("capture", asdict(key))` gave it)."""
+    from dataclasses import asdict
+
+    from probing.store import CaptureKey
+    from runstore.cache import cache_key
+
+    key = CaptureKey("a" * 32, "b" * 32, "blocks.3.hook_resid_post", "pool-float32", "float32", 128)
+    assert key.digest == cache_key("capture", asdict(key)) == "fcabed8b2ee0f59dedc2b692de63bee4"
+    assert key.digest is key.digest, "computed once per key"

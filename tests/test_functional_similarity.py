@@ -3,6 +3,8 @@ CKA, torch.distributions KL), its invariances, and a model against itself throug
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -172,3 +174,15 @@ def test_models_of_identical_content_get_their_own_names_from_the_pair_cache(tin
     twin_kl = again.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "twin") & (pl.col("feature") == "kl"))
     b_kl = again.filter((pl.col("model_a") == "a") & (pl.col("model_b") == "b") & (pl.col("feature") == "kl"))
     assert len(twin_kl) > 0 and twin_kl["value"].to_list() == b_kl["value"].to_list()
+
+
+def test_the_similarity_set_imports_no_suite_builder():
+    """Every run imports the similarity set; the suite builder's checks import scikit-learn (~0.6 s), which a run
+    that fits no probe never needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, probing.similarity.unlabeled as u; u.pool_text(); "
+            "found = [m for m in sys.modules if m.startswith(('sklearn', 'probing.build_suite'))]; "
+            "assert not found, found[:3]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

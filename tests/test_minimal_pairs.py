@@ -75,6 +75,29 @@ def test_split_key_is_honoured(tmp_path):
     assert task.splits.tolist() == np.repeat(splits, 2).tolist()
 
 
+def test_a_paradigm_is_parsed_once_per_content(tmp_path, monkeypatch):
+    """A run reads its suite for every model; the same bytes are parsed once, an edited file (same size, same
+    path) again, and a broken file fails on every read."""
+    import evaluation.minimal_pairs as minimal_pairs
+
+    parsed = Counter()
+    original = minimal_pairs._pair
+    monkeypatch.setattr(minimal_pairs, "_pair", lambda record, path, number: parsed.update([path.name]) or
+                        original(record, path, number))
+    folder = write_minimal_pairs(tmp_path / "pairs", pairs=6)
+    first = read_source(folder, "suite")
+    assert read_source(folder, "suite") == first and sum(parsed.values()) == 12, "6 lines of 2 files, parsed once"
+    path = folder / "data" / "subject_verb_agreement.jsonl"
+    path.write_text(path.read_text().replace("cat", "dog"))
+    edited = read_paradigm(path, "suite")
+    assert parsed["subject_verb_agreement.jsonl"] == 12 and edited.digest != first[1].digest
+    assert "dog" in edited.pairs[0].good and read_paradigm(path, "suite", pairs=3).pairs == edited.pairs[:3]
+    _damaged(folder, lambda line: line[:-1])
+    for _ in range(2):
+        with pytest.raises(MinimalPairError, match="line 2: not JSON"):
+            read_paradigm(path, "suite")
+
+
 def _damaged(folder: Path, edit) -> Path:
     path = folder / "data" / "subject_verb_agreement.jsonl"
     lines = path.read_text().splitlines()

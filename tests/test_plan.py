@@ -35,6 +35,26 @@ def test_shape_counts_the_published_qwen_architecture():
     assert shape.head == 152064 * 3584 and shape.layers == 28 and shape.head_dim == 128
 
 
+def test_a_model_shape_is_built_once_per_config(tmp_path, monkeypatch):
+    """Every run's validation sizes the base for its disk estimate: a config sized before is read back, equal;
+    another config, or a cache that cannot be written, is built."""
+    from types import SimpleNamespace
+
+    import flows.plan as plan_module
+
+    built, build = [], Shape.from_config
+    monkeypatch.setattr(Shape, "from_config", lambda config, trust=False: built.append(config) or build(config, trust))
+    monkeypatch.setenv("MERGE_EVAL_CACHE", str(tmp_path / "cache"))
+    config, path = SimpleNamespace(trust_remote_code=False), tmp_path / "config.json"  # what model_shape reads
+    path.write_text(json.dumps(QWEN_7B))
+    first = plan_module.model_shape(config, path)
+    assert plan_module.model_shape(config, tmp_path) == first == build(QWEN_7B) and len(built) == 1
+    path.write_text(json.dumps(QWEN_7B | {"num_hidden_layers": 2}))
+    assert plan_module.model_shape(config, path).layers == 2 and len(built) == 2
+    monkeypatch.setenv("MERGE_EVAL_CACHE", str(path / "not-a-folder"))
+    assert plan_module.model_shape(config, path).layers == 2 and len(built) == 3
+
+
 def test_capture_tokens_and_store_bytes_equal_a_real_capture(tiny_family, tmp_path):
     """The plan's padded tokens per job are the tokens the capture code feeds the model, and its store bytes are
     the store's files less their headers."""

@@ -18,8 +18,8 @@ from itertools import zip_longest
 import torch
 
 from evaluation.suites import OFFLINE_DIR
-from probing.build_suite import SUITE_DIR
 from probing.capture import Batch, CaptureError
+from probing.minimal_pair_tasks import BUNDLED_DIR  # not build_suite.SUITE_DIR: that module imports sklearn (~0.6 s)
 from runstore.cache import cache_key
 
 SET_VERSION = "1"
@@ -45,7 +45,7 @@ def _suite_texts(path) -> list[str]:
 def pool_text() -> str:
     """Every shipped text once, interleaved across source files, joined by blank lines."""
     sources = [_suite_texts(p) for p in sorted((OFFLINE_DIR / "data").glob("*.jsonl"))]
-    sources += [_minimal_pair_texts(p) for p in sorted((SUITE_DIR / "data").glob("*.jsonl"))]
+    sources += [_minimal_pair_texts(p) for p in sorted((BUNDLED_DIR / "data").glob("*.jsonl"))]
     seen = dict.fromkeys(t.strip() for group in zip_longest(*sources) for t in group if t)
     return "\n\n".join(t for t in seen if t)
 
