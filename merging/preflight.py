@@ -43,16 +43,16 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_structure(checkpoints: dict[str, StreamedCheckpoint], reference: str, heads_must_tie_alike: bool = True
-                    ) -> list[str]:
-    """Same tensor names and shapes as `reference` (headers only); tied vs untied output heads named as such, unless
-    `heads_must_tie_alike` is off (comparing weights, not merging them: the reference's tensors are compared)."""
+def check_structure(checkpoints: dict[str, StreamedCheckpoint], reference: str, merging: bool = True) -> list[str]:
+    """Same tensor names and shapes as `reference` (headers only); tied vs untied output heads named as such.
+    `merging` off (comparing weights, not merging them): a model may also store tensors the reference lacks (its
+    own output head, biases), and the reference's tensors are what is compared."""
     problems = []
     ref = checkpoints[reference]
     for name, checkpoint in checkpoints.items():
         if name == reference:
             continue
-        if heads_must_tie_alike and (TIED_HEAD in ref.shapes) != (TIED_HEAD in checkpoint.shapes):
+        if merging and (TIED_HEAD in ref.shapes) != (TIED_HEAD in checkpoint.shapes):
             untied, tied = (reference, name) if TIED_HEAD in ref.shapes else (name, reference)
             problems.append(f"embeddings: {tied!r} ties its output head to the input embedding (no {TIED_HEAD}) "
                             f"but {untied!r} has its own {TIED_HEAD}; merging them mixes a head with an embedding")
@@ -60,7 +60,7 @@ def check_structure(checkpoints: dict[str, StreamedCheckpoint], reference: str, 
         extra = [t for t in checkpoint.shapes if t not in ref.shapes and t != TIED_HEAD]
         if missing:
             problems.append(f"tensors: {name!r} lacks {len(missing)} tensor(s) of {reference!r}: {_listed(missing)}")
-        if extra:
+        if extra and merging:
             problems.append(f"tensors: {name!r} has {len(extra)} tensor(s) {reference!r} lacks: {_listed(extra)}")
         shapes = [f"{t} {list(checkpoint.shapes[t])} vs {list(s)}" for t, s in ref.shapes.items()
                   if t in checkpoint.shapes and checkpoint.shapes[t] != s]

@@ -134,7 +134,8 @@ def test_run_with_bad_sources_stops_before_prefect_and_writes_nothing(tiny_famil
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {config}: models[1].source: 'embedded:nothing' is not an embedded model; the family is "
-        f"embedded:base, embedded:instruct, embedded:math, embedded:code, embedded:agreement"]
+        f"embedded:base, embedded:instruct, embedded:math, embedded:code, embedded:agreement, "
+        f"embedded:number_erased"]
     assert "temporary server" not in done.stdout + done.stderr and not run.exists()
 
 

@@ -145,15 +145,23 @@ def test_a_passing_preflight_is_remembered_by_content(variants, tmp_path, monkey
     assert read_ledger(tmp_path / "cache").select("hit").to_series().to_list() == [False, True]
 
 
-def test_weight_features_compare_an_untied_head_on_the_tensors_both_store(variants):
-    """A model with its own head next to a tied base (the number_erased child) is not a merge problem for weight
-    features: they compare the tensors both store. Here every one equals the base's, so the pair is at distance 0
-    although the untied head is a fresh matrix."""
+def test_weight_features_compare_the_tensors_the_base_stores(variants, tmp_path):
+    """A model that stores more than a tied base (the number_erased child: its own head, projection biases) is not
+    a merge problem for weight features: they compare the base's tensors. Here every one equals the base's, so the
+    pairs are at distance 0 although the untied head is a fresh matrix; merging either is still refused."""
     import polars as pl
 
     from probing.similarity.weights import weight_features
 
-    frame = weight_features({"base": variants["base"], "untied": variants["untied"]}, "base")
-    pair = pl.col("model_a").is_in(["base", "untied"]) & pl.col("model_b").is_in(["base", "untied"])
-    rows = frame.filter(pair & (pl.col("feature") == "l2_distance") & (pl.col("scope") == "global"))
-    assert rows.height == 1 and rows["value"][0] == 0
+    biased = _copy(variants["base"], tmp_path / "biased")
+    tensors = load_file(biased / "model.safetensors")
+    save_file(tensors | {"model.layers.0.mlp.down_proj.bias": torch.ones(tensors["model.norm.weight"].shape)},
+              str(biased / "model.safetensors"), metadata={"format": "pt"})
+    models = {"base": variants["base"], "untied": variants["untied"], "biased": biased}
+    frame = weight_features(models, "base")
+    for other in ("untied", "biased"):
+        pair = pl.col("model_a").is_in(["base", other]) & pl.col("model_b").is_in(["base", other])
+        rows = frame.filter(pair & (pl.col("feature") == "l2_distance") & (pl.col("scope") == "global"))
+        assert rows.height == 1 and rows["value"][0] == 0
+    with pytest.raises(PreflightError, match=r"'biased' has 1 tensor\(s\) 'base' lacks: model.layers.0.mlp.down_proj"):
+        preflight({"base": variants["base"], "biased": biased}, base="base")

@@ -109,16 +109,16 @@ def accumulate(models: dict[str, Path], base: str, zero_rtol: float = ZERO_RTOL,
     """One streamed pass over every checkpoint: sufficient statistics per scope (the Gram rows of the models named
     in `rows_of` only, in that order, when given).
 
-    Tensor names and shapes must agree, but for an untied output head (`merging.preflight.check_structure`).
+    The base's tensors must be in every model, with the same shapes (`merging.preflight.check_structure`).
     """
     from merging.preflight import PreflightError, check_structure
 
     names = list(models)
     checkpoints = [StreamedCheckpoint(models[name], remap_bytes=chunk_bytes // len(names)) for name in names]
     try:
-        # A model with its own output head next to tied ones (the number_erased child) is compared on the tensors
-        # all of them store: its head is the base's embedding, unchanged.
-        problems = check_structure(dict(zip(names, checkpoints)), reference=base, heads_must_tie_alike=False)
+        # A model that stores more than the base (the number_erased child: its own output head, which is the base's
+        # embedding, and projection biases) is compared on the tensors all of them store.
+        problems = check_structure(dict(zip(names, checkpoints)), reference=base, merging=False)
         if problems:
             raise PreflightError(problems)
         max_elements = max(1, min(chunk_bytes // (16 * len(names)), _EXACT_FLOAT32_COUNT - 1))
