@@ -5,7 +5,7 @@ inside, so it cannot test the probes. This child's internal loss is known by con
 `concept-erasure` package) removes, from each thing that writes to the residual stream, the one direction along
 which singular and plural words differ on average, so no linear probe can read number there any more.
 
-    python -m merging.erase       # refit the erasers into merging/erasers/number/ (the family build applies them)
+    python -m merging.erase       # refit the erasers into merging/erasers/number_erased/ (the family build applies them)
 
 Why writer by writer: one eraser fitted on the stream at layer k and folded into every writer does not hold,
 because the layers before k read the edited stream and rebuild number along other directions. So the writers are
@@ -43,7 +43,7 @@ from merging.family_data import number_sentences
 
 ERASER_ROOT = Path(__file__).parent / "erasers"
 LAST_LAYER = 10  # hidden states 0..10 lose number: the report's early band of the embedded base's 31 (reports.changes)
-N_FIT = 4000  # sentences (~17k number-carrying tokens) for the fit; the covariance is 576 x 576
+N_FIT = 4000  # sentences (19.7k number-carrying tokens of 34.7k) for the fit; the covariance is 576 x 576
 N_HELDOUT = 600
 BATCH = 64
 
