@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import safetensors.torch
 import torch
@@ -118,39 +119,44 @@ def apply_adapter(base_dir: Path, adapter: Path, out: Path) -> None:
     _save_pretrained(merged, AutoTokenizer.from_pretrained(base_dir), out)
 
 
+def _cached_member(member: str, out_parent: Path, key: str, manifest: dict, make: Callable[[Path], None]) -> Path:
+    """The member's cache folder for `key`: found complete, or made by `make(folder)` and renamed into place with
+    its manifest written last."""
+    final = out_parent / f"{member}-{key}"
+    if _is_complete(final):
+        return final
+    with atomic_dir(final, replace=False) as build:  # another process may finish the same member first
+        make(build)
+        _write_member(build, {"member": member, "key": key, **manifest})
+    return final
+
+
 def _build_child(child: str, out_parent: Path, base_dir: Path, base_key: str) -> Path:
     adapter = adapter_dir(child)
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise FamilyError(f"no adapter for child {child!r} at {weights}; run: python -m merging.train_family")
     key = _key(base_key, file_digest(weights), (adapter / "adapter_config.json").read_text())
-    final = out_parent / f"{child}-{key}"
-    if _is_complete(final):
-        return final
-    with atomic_dir(final, replace=False) as build:
-        apply_adapter(base_dir, adapter, build)
-        _write_member(build, {"member": child, "adapter": str(adapter), "key": key, "base_key": base_key})
-    return final
+    return _cached_member(child, out_parent, key, {"adapter": str(adapter), "base_key": base_key},
+                          lambda build: apply_adapter(base_dir, adapter, build))
 
 
 def _build_erased(member: str, out_parent: Path, base_dir: Path, base_key: str) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from merging.erase import ERASER_ROOT, apply_erasers
 
     weights = ERASER_ROOT / member / "erasers.safetensors"
     if not weights.is_file():
         raise FamilyError(f"no erasers for {member!r} at {weights}; run: python -m merging.erase")
-    key = _key(base_key, file_digest(weights), "erased")
-    final = out_parent / f"{member}-{key}"
-    if _is_complete(final):
-        return final
-    with atomic_dir(final, replace=False) as build:
+
+    def make(build: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         apply_erasers(model, safetensors.torch.load_file(weights))
         _save_pretrained(model, AutoTokenizer.from_pretrained(base_dir), build)
-        _write_member(build, {"member": member, "erasers": str(weights), "key": key, "base_key": base_key})
-    return final
+
+    return _cached_member(member, out_parent, _key(base_key, file_digest(weights), "erased"),
+                          {"erasers": str(weights), "base_key": base_key}, make)
 
 
 def build_family(members: tuple[str, ...] = MEMBERS, root: Path | None = None) -> dict[str, Path]:

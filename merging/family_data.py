@@ -257,17 +257,28 @@ def _agreement(rng: random.Random) -> tuple[str, str, tuple[tuple[int, int], ...
     return first, f" {second}", first_spans + tuple((a + offset, b + offset) for a, b in second_spans)
 
 
+def _distinct(draw: Callable[[random.Random], tuple], rng: random.Random, split: Split, n: int) -> list[tuple] | None:
+    """The first `n` draws whose text (their first field) is new and falls in `split`; None when 200 tries per
+    wanted item do not find them."""
+    seen: set[str] = set()
+    out: list[tuple] = []
+    for _ in range(n * 200):
+        item = draw(rng)
+        if item[0] in seen or split_of(item[0]) != split:
+            continue
+        seen.add(item[0])
+        out.append(item)
+        if len(out) == n:
+            return out
+    return None
+
+
 def number_sentences(split: Split, n: int, seed: int = 0) -> list[tuple[str, tuple[tuple[int, int, int], ...]]]:
     """`n` distinct grammatical sentences of `split` with their number-carrying words (`number_sentence`)."""
-    rng = random.Random(f"number/{split}/{seed}")
-    seen: dict[str, tuple] = {}
-    for _ in range(n * 200):
-        text, spans = number_sentence(rng)
-        if text not in seen and split_of(text) == split:
-            seen[text] = spans
-            if len(seen) == n:
-                return list(seen.items())
-    raise ValueError(f"fewer than {n} distinct {split} number sentences")
+    found = _distinct(number_sentence, random.Random(f"number/{split}/{seed}"), split, n)
+    if found is None:
+        raise ValueError(f"fewer than {n} distinct {split} number sentences")
+    return found
 
 
 _GENERATORS: dict[str, Callable[[random.Random], tuple]] = {
@@ -279,15 +290,7 @@ def examples(domain: str, split: Split, n: int, seed: int = 0) -> list[Example]:
     """`n` distinct examples of `domain` from `split`, deterministic in (domain, split, n, seed)."""
     if domain not in _GENERATORS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {', '.join(_GENERATORS)}")
-    rng = random.Random(f"{domain}/{split}/{seed}")
-    seen: set[str] = set()
-    out: list[Example] = []
-    for _ in range(n * 200):
-        prompt, answer, *marked = _GENERATORS[domain](rng)
-        if prompt in seen or split_of(prompt) != split:
-            continue
-        seen.add(prompt)
-        out.append(Example(domain, prompt, answer, *marked))
-        if len(out) == n:
-            return out
-    raise ValueError(f"domain {domain!r} has fewer than {n} distinct {split} prompts")
+    found = _distinct(_GENERATORS[domain], random.Random(f"{domain}/{split}/{seed}"), split, n)
+    if found is None:
+        raise ValueError(f"domain {domain!r} has fewer than {n} distinct {split} prompts")
+    return [Example(domain, prompt, answer, *marked) for prompt, answer, *marked in found]
