@@ -34,7 +34,7 @@ from runstore.atomic import atomic_path  # noqa: E402
 
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- bench:tables:begin -->", "<!-- bench:tables:end -->"
-SECTIONS = ("probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass", "e2e")
+SECTIONS = ("probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass", "store", "e2e")
 
 
 def machine() -> dict:
@@ -111,6 +111,14 @@ def one_pass(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
 
     quick_paradigms = ("subject_verb_agreement", "determiner_noun_agreement")
     return one_pass_rows(family["base"], pairs=10 if quick else 200, paradigms=quick_paradigms if quick else None)
+
+
+def store(family: dict[str, Path], quick: bool, cache: Path) -> list[dict]:
+    from bench_store import store_rows
+
+    quick_paradigms = ("subject_verb_agreement", "determiner_noun_agreement")
+    return store_rows(family["base"], pairs=10 if quick else 200, tokens=128 if quick else 2048,
+                      paradigms=quick_paradigms if quick else None)
 
 
 def e2e(family: dict[str, Path], quick: bool, cache: Path, keep: Path | None = None) -> list[dict]:

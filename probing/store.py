@@ -4,7 +4,8 @@ Probing and functional similarity both read it; only the per-model capture step 
 model is loaded for behaviour) writes it. A key names everything a captured value depends on: the model's content
 digest, the input set's digest, the hook, the reducer (which carries the storage dtype), the model precision, the
 tokenisation length and `CAPTURE_VERSION` (bumped when capture code changes what it stores). Files are written
-through a temp file + rename, so an interrupted capture leaves an entry whole or absent.
+through a temp file + rename, so an interrupted capture leaves an entry whole or absent. Their tensors are packed
+losslessly (`probing.packed`): the same values, so packing changed no key; entries written unpacked still load.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors import safe_open
 
 from probing.capture import DEFAULT_BATCH_TOKENS, HookRequest, InputSet, run_capture
 from probing.hooks import HookRunner
+from probing.packed import pack, unpack
 from runstore.atomic import atomic_path, atomic_write_text, read_cached
 from runstore.cache import cache_key, record
 
@@ -102,12 +104,14 @@ class CaptureStore:
         if not path.is_file():
             raise FileNotFoundError(f"no capture for {key.hook} ({key.reducer}) of model {key.model_digest[:12]} "
                                     f"on inputs {key.inputs_digest[:12]}: the per-model capture step has not run")
-        return safetensors.torch.load_file(path)
+        with safe_open(path, framework="pt") as entry:
+            return unpack({name: entry.get_tensor(name) for name in entry.keys()}, entry.metadata() or {})
 
     def save(self, key: CaptureKey, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        packed, layout = pack(tensors)
         with atomic_path(self.path(key)) as temp:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temp,
-                                        metadata={**{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata})
+            safetensors.torch.save_file(packed, temp, metadata={
+                **{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata, **layout})
 
     def _whole_size(self, key: CaptureKey, recorded: int | None) -> int | None:
         """The size of `key`'s entry when it is whole (its `recorded` size, else checked by `has`), else None."""

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = {"probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass"}
+SECTIONS = {"probes", "capture", "similarity", "weights", "merges", "behaviour", "one_pass", "store"}
 
 
 def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
@@ -27,9 +27,12 @@ def test_run_all_quick_writes_every_row(tiny_family, tmp_path):
                    ("capture", "plain forward"), ("capture", "output_hidden_states=True"),
                    ("capture", "capture, model at float32"), ("similarity", "per-pair loop"),
                    ("weights", "whole state dicts"), ("merges", "mergekit-yaml subprocess"),
-                   ("behaviour", "lm-eval, batch 1"), ("one_pass", "capture pass + lm-eval's own pass")]:
+                   ("behaviour", "lm-eval, batch 1"), ("one_pass", "capture pass + lm-eval's own pass"),
+                   ("store", "plain safetensors entries"), ("store", "pools at float32")]:
         assert needed in baselines, needed
     assert len([r for r in rows if r["section"] == "merges"]) == 3  # linear, TIES, DARE-TIES
+    packed = next(r for r in rows if r["section"] == "store" and "bytes" in r)["bytes"]
+    assert sum(packed["packed"].values()) < sum(packed["plain"].values())  # tiny random states still compress
     for r in rows:
         assert r["ours_s"] > 0 and r["baseline_s"] > 0 and math.isfinite(r["ratio"]), r
         assert math.isclose(r["ratio"], r["baseline_s"] / r["ours_s"])

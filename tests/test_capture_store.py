@@ -1,9 +1,14 @@
 """Hook requests and the capture store: patterns equal HF output_attentions, top-k equals HF log-softmax, the
-torch-hooks fallback stores what the transformer-lens bridge stores, float16 storage is refused."""
+torch-hooks fallback stores what the transformer-lens bridge stores, float16 storage is refused, packed entries
+hold exactly the values of unpacked ones (and the probe and similarity tables read from them are equal)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
+import polars as pl
 import pytest
+import safetensors.torch
 import torch
 
 from evaluation.minimal_pairs import PairSelection
@@ -14,7 +19,7 @@ from probing.similarity.functional import functional_jobs
 from probing.similarity.unlabeled import TokenWindows
 from probing.minimal_pair_tasks import BUNDLED_DIR
 from probing.stage import load_tasks, probe_jobs
-from probing.store import CaptureJob, CaptureStore, ModelRef, capture_model, model_ref
+from probing.store import CaptureJob, CaptureKey, CaptureStore, ModelRef, capture_model, model_ref
 
 WINDOWS = TokenWindows(tokens=96, window=24)
 
@@ -58,7 +63,8 @@ def test_fallback_backend_gives_the_same_store(tiny_family, tmp_path):
         capture_model(runner, model, jobs, stores[backend], "float32", log=lambda _: None)
     bridge, fallback = stores.values()
     keys = [job.key(r, model.digest, "float32") for job in jobs for r in job.requests]
-    assert len(keys) == 4 + 1 + 4 + 3 + 1 and all  # probe layers + sentence log-likelihoods; similarity(bridge.has(k) and fallback.has(k) for k in keys)
+    assert len(keys) == 4 + 1 + 4 + 3 + 1  # probe layers + sentence log-likelihoods; similarity
+    assert all(bridge.has(k) and fallback.has(k) for k in keys)
     for key in keys:
         a, b = bridge.load(key), fallback.load(key)
         assert a.keys() == b.keys()
@@ -107,11 +113,68 @@ def test_float16_storage_and_unknown_hooks_are_refused(tiny_family):
 def test_a_capture_key_is_the_digest_of_its_fields():
     """Stored captures are named by these digests: computing them faster (and once per key) must not rename a
     single entry (the literal is this key's digest as `cache_key("capture", asdict(key))` gave it)."""
-    from dataclasses import asdict
-
     from probing.store import CaptureKey
     from runstore.cache import cache_key
 
     key = CaptureKey("a" * 32, "b" * 32, "blocks.3.hook_resid_post", "pool-float32", "float32", 128)
     assert key.digest == cache_key("capture", asdict(key)) == "fcabed8b2ee0f59dedc2b692de63bee4"
     assert key.digest is key.digest, "computed once per key"
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(7, 5, 33).bfloat16(), torch.randn(300, 64), torch.randint(-5, 49_152, (9, 11), dtype=torch.int32),
+    torch.tensor(float("nan")), torch.zeros(0, 4), torch.tensor([True, False]), torch.full((3,), float("-inf"))])
+def test_a_packed_entry_loads_bit_for_bit(tmp_path, tensor):
+    store, key = CaptureStore(tmp_path), CaptureKey("m" * 32, "i" * 32, "hook_embed", "any", "float32", 8)
+    store.save(key, {"value": tensor, "second": tensor.flip(0) if tensor.dim() else tensor}, {"model": "m"})
+    loaded = store.load(key)
+    assert loaded["value"].dtype == tensor.dtype and loaded["value"].shape == tensor.shape
+    assert torch.equal(loaded["value"].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+
+
+def test_entries_written_before_packing_still_load(tmp_path):
+    """Packing is lossless, so it kept every key: a store filled by the earlier code is read as it is."""
+    import json
+
+    store, key = CaptureStore(tmp_path), CaptureKey("m" * 32, "i" * 32, "hook_embed", "tokens-bfloat16", "float32", 8)
+    values = {"value": torch.randn(2, 8, 16).bfloat16()}
+    store.path(key).parent.mkdir(parents=True)
+    safetensors.torch.save_file(values, store.path(key), metadata={k: json.dumps(v) for k, v in asdict(key).items()})
+    assert store.has(key) and torch.equal(store.load(key)["value"], values["value"])
+
+
+def test_packed_store_gives_the_probe_and_similarity_tables_of_the_unpacked_one(tiny_family, tmp_path, monkeypatch):
+    """The same captures stored packed and unpacked (the earlier store's format): equal probe rows, probe items and
+    functional similarity rows, from a store that is smaller on disk."""
+    import probing.store as store_module
+    from polars.testing import assert_frame_equal
+
+    from probing.similarity.functional import functional_features
+    from probing.stage import probe_model
+
+    models = [model_ref(name, tiny_family[name]) for name in ("a", "b")]
+    paradigm = PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement", "tense_adverb_agreement"), 30)
+    tasks = load_tasks(None, minimal_pairs=(paradigm,))
+    jobs = probe_jobs(tasks, models[0].n_blocks) + functional_jobs(WINDOWS, models[0].n_blocks, top_k=32)
+    packed, plain = CaptureStore(tmp_path / "packed" / "captures"), CaptureStore(tmp_path / "plain" / "captures")
+    for model in models:
+        capture_model(HookRunner(*load_model(model.folder, LoadOptions())), model, jobs, packed, "float32",
+                      log=lambda _: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "pack", lambda tensors: (tensors, {}))  # the store's format before packing
+        for model in models:
+            for key in (job.key(r, model.digest, "float32") for job in jobs for r in job.requests):
+                plain.save(key, packed.load(key), {"model": model.name})
+    tables = {}
+    for name, store in (("packed", packed), ("plain", plain)):
+        probes = [probe_model(model, tasks, store, "float32", [0, 1], log=lambda _: None) for model in models]
+        tables[name] = (*(pl.concat(frames) for frames in zip(*probes)),
+                        functional_features(models, WINDOWS, store, "float32", top_k=32))
+    for packed_table, plain_table in zip(tables["packed"], tables["plain"]):
+        assert packed_table.height > 0
+        assert_frame_equal(packed_table, plain_table)
+
+    def size(store: CaptureStore) -> int:
+        return sum(path.stat().st_size for path in store.root.rglob("*.safetensors"))
+
+    assert size(packed) < 0.9 * size(plain)

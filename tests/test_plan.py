@@ -57,7 +57,7 @@ def test_a_model_shape_is_built_once_per_config(tmp_path, monkeypatch):
 
 def test_capture_tokens_and_store_bytes_equal_a_real_capture(tiny_family, tmp_path):
     """The plan's padded tokens per job are the tokens the capture code feeds the model, and its store bytes are
-    the store's files less their headers."""
+    the values the store holds: the files, packed, take no more than that plus their headers."""
     from merging.checkpoints import LoadOptions, load_model
     from probing.hooks import HookRunner
     from probing.store import CaptureStore, capture_model, model_ref
@@ -76,10 +76,11 @@ def test_capture_tokens_and_store_bytes_equal_a_real_capture(tiny_family, tmp_pa
         fed.clear()
         capture_model(HookRunner(model, tokenizer), model_ref("a", folder), [job], store, "float32", log=lambda _: None)
         assert sum(fed) == work["tokens"] > 0, job.inputs.name
-    files = list(store.root.rglob("*.safetensors"))
-    on_disk = sum(p.stat().st_size for p in files)
+    keys = [job.key(request, model_ref("a", folder).digest, "float32") for job in jobs for request in job.requests]
+    held = sum(value.nbytes for key in keys for value in store.load(key).values())
+    on_disk = sum(store.path(key).stat().st_size for key in keys)
     planned_bytes = sum(work["stored"] for work in planned)
-    assert planned_bytes <= on_disk <= planned_bytes + 64 * 1024 * len(files)  # headers: JSON of names and keys
+    assert held == planned_bytes and on_disk <= planned_bytes + 64 * 1024 * len(keys)  # headers: names and keys
 
 
 def test_plan_prints_every_stage_and_the_total(tiny_family, tmp_path, capsys):
