@@ -358,6 +358,23 @@ def forward_rate(config: ExperimentConfig, base: dict, options) -> float:
     return Shape.from_config(small).flops(rows * width, rows * width * (width + 1) / 2, True) / best
 
 
+def parent_bytes(config: ExperimentConfig, shape: Shape) -> dict[str, float]:
+    """Each parent's weights at the run's precision. A parent may hold more tensors than the base (an untied output
+    head, biases: the number_erased child), but every forward-pass and store figure is the base's, so a parent
+    whose layers, widths, heads or vocabulary differ is refused."""
+    sizes = {}
+    for spec in config.models:
+        other = model_shape(config, config_file(config, spec.name))
+        differ = [name for name in ("layers", "hidden", "heads", "head_dim", "vocab")
+                  if getattr(other, name) != getattr(shape, name)]
+        if differ:
+            raise PlanError(f"models: {spec.name!r} differs from the base in {', '.join(differ)} "
+                            f"({', '.join(f'{getattr(other, n)} vs {getattr(shape, n)}' for n in differ)}): "
+                            "the plan sizes every model's forward pass as the base's")
+        sizes[spec.name] = other.params * BYTES[config.precision]
+    return sizes
+
+
 def anonymous_memory() -> float:
     """This process's resident memory less file-backed pages: what must fit in RAM. Mapped checkpoint pages
     (safetensors files are read through mmap) are page cache the kernel can drop, so they are not counted."""
@@ -375,21 +392,19 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     folder = metadata_folder(config, config.base)
     base = json.loads((folder / "config.json").read_text())
     shape, tokenizer = model_shape(config, folder), tokenizer_of(folder)
-    for spec in config.models:  # merges need one architecture; each parent is sized as the base
-        other = model_shape(config, config_file(config, spec.name))
-        if other.params != shape.params:
-            raise PlanError(f"models: {spec.name!r} has {other.params:,} parameters, the base {shape.params:,}: "
-                            f"the plan sizes every model as the base")
+    sizes = parent_bytes(config, shape)
     tasks = probing_tasks(config)
     rates = rates or calibrate(config, base, device_rate)
     n_models = len(config.model_names)
     n_merges, n_parents = len(config.merge_names), len(config.models)
-    weights = shape.params * BYTES[config.precision]
+    weights = shape.params * BYTES[config.precision]  # a merge's, and the base's
+    stored = sum(sizes.values()) + n_merges * weights  # every model of the run, each at its own size
+    resident = max([weights, *sizes.values()])  # the largest model, the one loaded at a time
     stages: dict[str, Work] = {}
 
-    parents = Work(notes=[f"{n_parents} parent(s) of {shape.params / 1e9:.2f}B parameters, "
-                          f"{weights / 1e9:.2f} GB each at {config.precision}"])
-    parents.seconds = n_parents * weights / rates.io  # preflight streams every parent once
+    parents = Work(notes=[f"{n_parents} parent(s) of {shape.params / 1e9:.2f}B parameters (the base), "
+                          f"{sum(sizes.values()) / 1e9:.2f} GB in all at {config.precision}"])
+    parents.seconds = sum(sizes.values()) / rates.io  # preflight streams every parent once
     parents.memory = shape.largest * 4 * 2
     stages["parents + preflight"] = parents
 
@@ -407,7 +422,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     behaviour = Work(tokens=b_tokens + generated, notes=notes)
     behaviour.flops = shape.flops(b_tokens, b_attended, True) + 2 * generated * (shape.matmul + shape.head)
     behaviour.seconds = LM_EVAL_IMPORT_S + n_models * behaviour.flops / rates.flops
-    behaviour.memory = weights + 3 * min(config.behavior.batch_size, len(lengths) or 1) * longest * shape.vocab * 4
+    behaviour.memory = resident + 3 * min(config.behavior.batch_size, len(lengths) or 1) * longest * shape.vocab * 4
     behaviour.flops *= n_models
     behaviour.tokens *= n_models
     stages["behaviour"] = behaviour
@@ -417,7 +432,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     captures.flops = n_models * sum(j["flops"] for j in jobs)
     captures.seconds = captures.flops / rates.flops
     # a job's outputs are all held until stored, beside the batch in flight
-    captures.memory = weights + max([j["stored"] + j["active"] for j in jobs], default=0)
+    captures.memory = resident + max([j["stored"] + j["active"] for j in jobs], default=0)
     stages["captures"] = captures
 
     probes = Work()
@@ -433,7 +448,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     if config.similarity.weights:  # every model streamed once in chunks, a Gram row per pair
         from probing.similarity.weights import CHUNK_BYTES
 
-        similarity.seconds += n_models * weights / rates.io + n_models * (n_models + 1) * shape.params / rates.flops
+        similarity.seconds += stored / rates.io + n_models * (n_models + 1) * shape.params / rates.flops
         similarity.memory = 2 * CHUNK_BYTES
     windows = [j for j in jobs if j["patterns"]]
     if config.similarity.functional and windows:
@@ -454,7 +469,8 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     device = config.device if config.device != "auto" else f"auto ({_device(config)} here)"
     return {"config": config.name, "models": n_models, "merges": n_merges, "precision": config.precision,
             "device": device, "params": shape.params, "rates": rates, "stages": stages, "total": total,
-            "hub_download": sum(weights for spec in config.models if not spec.source.startswith(EMBEDDED_PREFIX)
+            "hub_download": sum(sizes[spec.name] for spec in config.models
+                                if not spec.source.startswith(EMBEDDED_PREFIX)
                                 and not Path(spec.source).expanduser().is_dir())}
 
 

@@ -28,6 +28,8 @@ QWEN_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden
            "sliding_window": 131072, "use_sliding_window": False, "tie_word_embeddings": False,
            "vocab_size": 152064, "bos_token_id": 151643, "eos_token_id": 151643, "torch_dtype": "bfloat16",
            "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True}
+
+
 def test_shape_counts_the_published_qwen_architecture():
     shape = Shape.from_config(QWEN_7B)
     assert abs(shape.params - 7.61e9) / 7.61e9 < 1e-3
@@ -53,6 +55,31 @@ def test_a_model_shape_is_built_once_per_config(tmp_path, monkeypatch):
     assert plan_module.model_shape(config, path).layers == 2 and len(built) == 2
     monkeypatch.setenv("MERGE_EVAL_CACHE", str(path / "not-a-folder"))
     assert plan_module.model_shape(config, path).layers == 2 and len(built) == 3
+
+
+def test_a_parent_with_more_tensors_is_sized_as_itself_and_another_shape_is_refused(tiny_family, tmp_path):
+    """The demo's number_erased child stores an untied output head and biases: the plan counts its own bytes for
+    reading it; a parent with another width would make every forward-pass figure wrong, so it is refused."""
+    from flows.plan import BYTES, PlanError, Rates
+
+    def variant(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny_family["a"], folder)
+        data = json.loads((folder / "config.json").read_text()) | changes
+        (folder / "config.json").write_text(json.dumps(data))
+        return folder
+
+    rates = Rates(flops=1e10, io=1e8, source="stated")
+    family = dict(tiny_family)
+    tied = plan(load_config(write_tiny_config(tmp_path / "tied.yaml", family)), rates=rates)
+    family["a"] = variant("untied", tie_word_embeddings=False)
+    untied = plan(load_config(write_tiny_config(tmp_path / "untied.yaml", family)), rates=rates)
+    head = Shape.from_config(json.loads((tiny_family["a"] / "config.json").read_text())).head
+    extra = untied["stages"]["parents + preflight"].seconds - tied["stages"]["parents + preflight"].seconds
+    assert extra * rates.io == pytest.approx(head * BYTES["float32"])
+    family["a"] = variant("wider", hidden_size=64)
+    with pytest.raises(PlanError, match="'a' differs from the base in hidden \\(64 vs 32\\)"):
+        plan(load_config(write_tiny_config(tmp_path / "wider.yaml", family)), rates=rates)
 
 
 def test_capture_tokens_and_store_bytes_equal_a_real_capture(tiny_family, tmp_path):
