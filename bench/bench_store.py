@@ -8,8 +8,8 @@ sentence log-likelihoods, and a similarity set's token states, attention pattern
   baseline); bytes on disk per reducer, and whether the loaded values are bit-identical;
 - **pool precision**: the probe tables of every paradigm from the float32 pools against the same pools rounded to
   fewer mantissa bits: 21 (four float32 ulps: the probes' own float noise), 15, 10 (float16's, at float32's range)
-  and 7 (bfloat16). A storage precision is float noise when it changes no more test predictions than the 21-bit
-  rounding does, task by task. Fewer bits would shrink the pools, which are the largest part of a model's store.
+  and 7 (bfloat16). A storage precision is float noise when it changes predictions only in the (task, layer)
+  cells where the 21-bit rounding changes some. Fewer bits would shrink the pools, the largest part of the store.
 """
 
 from __future__ import annotations
@@ -80,16 +80,17 @@ def _bytes_by_reducer(store: CaptureStore, keys: list) -> Counter:
     return sizes
 
 
-def _probe_flips(store: CaptureStore, model, tasks, jobs) -> dict[int, dict[str, int]]:
-    """Per mantissa width, per task: test predictions (over layers) that differ from the float32 pools' probe."""
-    flips: dict[int, dict[str, int]] = {bits: {} for bits in MANTISSA_BITS}
+def _probe_flips(store: CaptureStore, model, tasks, jobs) -> dict[int, dict[tuple[str, int], int]]:
+    """Per mantissa width, per (task, layer): test predictions that differ from the float32 pools' probe."""
+    flips: dict[int, dict[tuple[str, int], int]] = {bits: {} for bits in MANTISSA_BITS}
     for task, job in zip(tasks, jobs):
         pooled = torch.stack([store.load(key)["value"].float() for key in layer_keys(job, model.digest, "float32")])
         _, index = probe_inputs(task, "mean", 128)  # probe_jobs' defaults, as the jobs were built
-        reference = probe_task(task_features(pooled, index), task, SEEDS, True, False).items["prediction"]
+        reference = probe_task(task_features(pooled, index), task, SEEDS, True, False).items
         for bits in MANTISSA_BITS:
             predictions = probe_task(task_features(rounded(pooled, bits), index), task, SEEDS, True, False).items
-            flips[bits][task.name] = int((predictions["prediction"] != reference).sum())
+            changed = reference.filter(predictions["prediction"] != reference["prediction"])["layer"].value_counts()
+            flips[bits] |= {(task.name, layer): count for layer, count in changed.iter_rows()}
     return flips
 
 
@@ -124,18 +125,18 @@ def store_rows(folder: Path, pairs: int = 200, tokens: int = 2048, paradigms: tu
              "bytes": {"plain": dict(plain_bytes), "packed": dict(packed_bytes)}}]
     noise = flips[MANTISSA_BITS[0]]
     for bits in MANTISSA_BITS[1:]:
-        beyond = sorted(task for task, n in flips[bits].items() if n > noise[task])
-        stable = sorted(task for task, n in noise.items() if n == 0)
-        moved = sorted(task for task in stable if flips[bits][task] > 0)
+        beyond = {place: n for place, n in flips[bits].items() if place not in noise}
+        tasks_beyond = sorted({task for task, _ in beyond})
         rows.append({"section": "store", "workload": f"probe tables of {len(tasks)} paradigm(s) from pools "
                      f"rounded to fewer mantissa bits ({items} test predictions, seeds {SEEDS})",
                      "ours": f"pools at {bits} mantissa bits ({(bits + 9) / 32:.2f} of float32's size)",
                      "ours_s": probe_s, "baseline": "pools at float32 (kept)", "baseline_s": probe_s, "ratio": 1.0,
-                     "quality": f"{sum(flips[bits].values())} predictions change against {sum(noise.values())} at "
-                                f"21 bits (the probes' float noise); more than that in {len(beyond)} of {len(tasks)} "
-                                f"tasks; in the {len(stable)} tasks where float noise changes none, "
-                                f"{len(moved)} move ({', '.join(moved) or 'none'})",
-                     "flips": flips[bits], "noise_flips": noise})
+                     "quality": f"{sum(flips[bits].values())} predictions change against {sum(noise.values())} at 21 "
+                                f"bits (float noise: {len(noise)} (task, layer) cells); outside those cells "
+                                f"{sum(beyond.values())} change, in {len(beyond)} cells of {len(tasks_beyond)} "
+                                f"task(s){': ' + ', '.join(tasks_beyond) if tasks_beyond else ''}",
+                     "flips": {f"{task}@{layer}": n for (task, layer), n in flips[bits].items()},
+                     "noise_flips": {f"{task}@{layer}": n for (task, layer), n in noise.items()}})
     return rows
 
 
