@@ -2,7 +2,7 @@
 
 Captured activations are not random bytes: after a byte shuffle (every value's first byte, then every second
 byte...) the exponent bytes of float32/bfloat16 values repeat a few patterns, and zstd removes that redundancy. On
-the embedded model's captures: token states and attention patterns (bfloat16) 1.43x, top-k log-probs and token ids
+the embedded model's captures: token states and attention patterns (bfloat16) 1.45x, top-k log-probs and token ids
 1.8x and 2.2x, float32 pooled states 1.2x (docs/PERFORMANCE.md). It is lossless, so a packed entry holds exactly the
 values of an unpacked one and keeps its store key. Blosc2 runs both steps in C on every core at ~400 MB/s; Blosc2's
 own tensor packing refuses bfloat16, so tensors go in as their raw bytes and dtype and shape ride in the metadata.
@@ -15,9 +15,7 @@ import json
 import torch
 
 FORMAT = "blosc2-zstd1-shuffle"  # the metadata marker of packed entries; entries without it hold plain tensors
-CHUNK_BYTES = 8 << 20  # Blosc2 frames split into chunks (one in memory at a time), well under its 2 GB limit
-DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64,
-                                                      torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool)}
+CHUNK_BYTES = 8 << 20  # a frame's chunks: Blosc2 compresses at most 2 GB at once, a 7B model's layer is ~0.1 GB
 
 
 def pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,7 +43,10 @@ def unpack(stored: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[st
     layout = json.loads(metadata["layout"])
     out = {}
     for name, frame in stored.items():
-        tensor = torch.empty(layout[name]["shape"], dtype=DTYPES[layout[name]["dtype"]])
+        dtype = getattr(torch, layout[name]["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"packed capture tensor {name!r}: unknown dtype {layout[name]['dtype']!r}")
+        tensor = torch.empty(layout[name]["shape"], dtype=dtype)
         if tensor.numel():  # decompressed straight into the tensor's memory, the frame read in place
             schunk = blosc2.schunk_from_cframe(frame.numpy(), copy=False)
             schunk.get_slice(0, schunk.nbytes, out=tensor.reshape(-1).view(torch.uint8).numpy())

@@ -123,7 +123,8 @@ def test_a_capture_key_is_the_digest_of_its_fields():
 
 @pytest.mark.parametrize("tensor", [
     torch.randn(7, 5, 33).bfloat16(), torch.randn(300, 64), torch.randint(-5, 49_152, (9, 11), dtype=torch.int32),
-    torch.tensor(float("nan")), torch.zeros(0, 4), torch.tensor([True, False]), torch.full((3,), float("-inf"))])
+    torch.tensor(float("nan")), torch.zeros(0, 4), torch.tensor([True, False]), torch.full((3,), float("-inf")),
+    torch.arange(-128, 128, dtype=torch.int8), torch.randn(4, 4, dtype=torch.float64)])
 def test_a_packed_entry_loads_bit_for_bit(tmp_path, tensor):
     store, key = CaptureStore(tmp_path), CaptureKey("m" * 32, "i" * 32, "hook_embed", "any", "float32", 8)
     store.save(key, {"value": tensor, "second": tensor.flip(0) if tensor.dim() else tensor}, {"model": "m"})
