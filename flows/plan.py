@@ -547,17 +547,22 @@ def disk_estimate(config: ExperimentConfig) -> float:
 
 
 def disk_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
-    """The run directory's filesystem must have FREE_MARGIN x the planned bytes free (entries a previous run
-    cached are not subtracted: the refusal names both numbers, so the user can judge)."""
+    """The run directory's filesystem must have FREE_MARGIN x the bytes still to write free: the planned bytes
+    less what the run directory already holds (a re-run of a finished run writes nothing new, and a disk that
+    filled up since must not refuse it). An unrelated folder counted as held is the user's choice of --run-dir;
+    the refusal names every number, so the user can judge."""
     import shutil
 
     path = Path(run_dir).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     free, planned = shutil.disk_usage(existing).free, disk_estimate(config)
-    if planned * FREE_MARGIN > free:
+    held = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if path.is_dir() else 0
+    if (planned - held) * FREE_MARGIN > free:
         return [f"run directory {str(run_dir)!r}: the run writes about {_size(planned)} (merged checkpoints and "
-                f"captures; `merge-eval plan` shows each stage), more than the {_size(free)} free on {existing} "
-                f"allows with a {FREE_MARGIN - 1:.0%} margin: free space or choose another --run-dir"]
+                f"captures; `merge-eval plan` shows each stage; {_size(held)} already there), more than the "
+                f"{_size(free)} free on {existing} allows with a {FREE_MARGIN - 1:.0%} margin: free space or "
+                "choose another --run-dir"]
     return []
 
 

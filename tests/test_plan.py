@@ -120,7 +120,8 @@ def test_plan_prints_every_stage_and_the_total(tiny_family, tmp_path, capsys):
 
 
 def test_validate_refuses_a_run_whose_plan_outgrows_the_disk(tiny_family, tmp_path, capsys):
-    """A real 1 MiB tmpfs as the run directory's filesystem: the tiny run's merge and captures do not fit."""
+    """A real 1 MiB tmpfs as the run directory's filesystem: the tiny run's merge and captures do not fit; a run
+    directory that already holds them (a re-run) is not refused."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
@@ -134,6 +135,10 @@ def test_validate_refuses_a_run_whose_plan_outgrows_the_disk(tiny_family, tmp_pa
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and f"run directory '{mount}/run': the run writes about" in lines[0], lines
         assert f"free on {mount} allows with a 20% margin" in lines[0]
+        (mount / "run").mkdir()  # a finished run's folder holds what the plan counts: a re-run writes nothing new
+        with open(mount / "run" / "held.bin", "wb") as held:
+            held.truncate(int(planned))  # sparse: its length is counted, the tmpfs stays empty
+        assert main(["validate", str(config), "--run-dir", str(mount / "run")]) == 0
         assert main(["validate", str(config), "--run-dir", str(tmp_path / "run")]) == 0
     finally:
         subprocess.run(["umount", str(mount)], check=True)
