@@ -27,7 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from measure import bytes_under, measured_run  # noqa: E402
+from measure import measured_run  # noqa: E402
+
+from flows.plan import bytes_under  # noqa: E402
 from runstore.cache import read_ledger  # noqa: E402
 
 ADDED = {"method": "task_arithmetic", "label": "ta07", "parameters": {"weight": 0.7}}

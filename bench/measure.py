@@ -29,11 +29,6 @@ def tree_anonymous(process: psutil.Process) -> int:
     return total
 
 
-def bytes_under(folder: Path) -> int:
-    """Bytes of the files under `folder` (links not followed: a run folder links cached entries)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
-
-
 def measured_run(command: list[str], log: Path, env: dict[str, str] | None = None, interval: float = 0.2) -> dict:
     """Run `command` (stdout and stderr to `log`); {"seconds", "memory" (peak anonymous bytes of its tree),
     "rss" (peak RSS of its largest process, getrusage), "returncode"}."""

@@ -393,18 +393,19 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     base = json.loads((folder / "config.json").read_text())
     shape, tokenizer = model_shape(config, folder), tokenizer_of(folder)
     sizes = parent_bytes(config, shape)
+    parents_bytes = sum(sizes.values())
     tasks = probing_tasks(config)
     rates = rates or calibrate(config, base, device_rate)
     n_models = len(config.model_names)
     n_merges, n_parents = len(config.merge_names), len(config.models)
     weights = shape.params * BYTES[config.precision]  # a merge's, and the base's
-    stored = sum(sizes.values()) + n_merges * weights  # every model of the run, each at its own size
+    every_model = parents_bytes + n_merges * weights  # every model of the run, each at its own size
     resident = max([weights, *sizes.values()])  # the largest model, the one loaded at a time
     stages: dict[str, Work] = {}
 
     parents = Work(notes=[f"{n_parents} parent(s) of {shape.params / 1e9:.2f}B parameters (the base), "
-                          f"{sum(sizes.values()) / 1e9:.2f} GB in all at {config.precision}"])
-    parents.seconds = sum(sizes.values()) / rates.io  # preflight streams every parent once
+                          f"{parents_bytes / 1e9:.2f} GB in all at {config.precision}"])
+    parents.seconds = parents_bytes / rates.io  # preflight streams every parent once
     parents.memory = shape.largest * 4 * 2
     stages["parents + preflight"] = parents
 
@@ -448,7 +449,7 @@ def plan(config: ExperimentConfig, device_rate: float | None = None, rates: Rate
     if config.similarity.weights:  # every model streamed once in chunks, a Gram row per pair
         from probing.similarity.weights import CHUNK_BYTES
 
-        similarity.seconds += stored / rates.io + n_models * (n_models + 1) * shape.params / rates.flops
+        similarity.seconds += every_model / rates.io + n_models * (n_models + 1) * shape.params / rates.flops
         similarity.memory = 2 * CHUNK_BYTES
     windows = [j for j in jobs if j["patterns"]]
     if config.similarity.functional and windows:
@@ -546,6 +547,11 @@ def disk_estimate(config: ExperimentConfig) -> float:
     return len(config.merge_names) * shape.params * BYTES[config.precision] + len(config.model_names) * stored
 
 
+def bytes_under(folder: Path) -> int:
+    """Bytes of the files under `folder` (links not followed: a run folder links cached entries)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def disk_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
     """The run directory's filesystem must have FREE_MARGIN x the bytes still to write free: the planned bytes
     less what the run directory already holds (a re-run of a finished run writes nothing new, and a disk that
@@ -556,8 +562,9 @@ def disk_problems(config: ExperimentConfig, run_dir: Path) -> list[str]:
     path = Path(run_dir).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     free, planned = shutil.disk_usage(existing).free, disk_estimate(config)
-    held = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) \
-        if path.is_dir() else 0
+    if planned * FREE_MARGIN <= free:
+        return []  # the common case: no need to walk a run folder of thousands of cache entries
+    held = bytes_under(path) if path.is_dir() else 0
     if (planned - held) * FREE_MARGIN > free:
         return [f"run directory {str(run_dir)!r}: the run writes about {_size(planned)} (merged checkpoints and "
                 f"captures; `merge-eval plan` shows each stage; {_size(held)} already there), more than the "

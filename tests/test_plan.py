@@ -187,7 +187,9 @@ def _measured_run(config: Path, run: Path) -> dict:
     """Wall time, peak anonymous memory of the run's process tree (the plan's measure), peak RSS (mapped checkpoint
     pages included) and the bytes the run left under its run directory (bench/measure.py)."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from measure import bytes_under, measured_run
+    from measure import measured_run
+
+    from flows.plan import bytes_under
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     measured = measured_run([sys.executable, "-m", "flows.cli", "run", str(config), "--run-dir", str(run)],
