@@ -88,8 +88,10 @@ def _check_header(path: Path) -> bool:
 
 
 class CaptureStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, packed: bool = True):
+        """`packed=False` writes entries as the store did before packing (benchmarks and tests compare the two)."""
         self.root = Path(root)
+        self.packed = packed
 
     def path(self, key: CaptureKey) -> Path:
         return self.root / key.digest[:2] / f"{key.digest}.safetensors"
@@ -108,7 +110,7 @@ class CaptureStore:
             return unpack({name: entry.get_tensor(name) for name in entry.keys()}, entry.metadata() or {})
 
     def save(self, key: CaptureKey, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        packed, layout = pack(tensors)
+        packed, layout = pack(tensors) if self.packed else (tensors, {})
         with atomic_path(self.path(key)) as temp:
             safetensors.torch.save_file(packed, temp, metadata={
                 **{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata, **layout})

@@ -144,10 +144,9 @@ def test_entries_written_before_packing_still_load(tmp_path):
     assert store.has(key) and torch.equal(store.load(key)["value"], values["value"])
 
 
-def test_packed_store_gives_the_probe_and_similarity_tables_of_the_unpacked_one(tiny_family, tmp_path, monkeypatch):
+def test_packed_store_gives_the_probe_and_similarity_tables_of_the_unpacked_one(tiny_family, tmp_path):
     """The same captures stored packed and unpacked (the earlier store's format): equal probe rows, probe items and
     functional similarity rows, from a store that is smaller on disk."""
-    import probing.store as store_module
     from polars.testing import assert_frame_equal
 
     from probing.similarity.functional import functional_features
@@ -157,15 +156,13 @@ def test_packed_store_gives_the_probe_and_similarity_tables_of_the_unpacked_one(
     paradigm = PairSelection("suite", str(BUNDLED_DIR), ("subject_verb_agreement", "tense_adverb_agreement"), 30)
     tasks = load_tasks(None, minimal_pairs=(paradigm,))
     jobs = probe_jobs(tasks, models[0].n_blocks) + functional_jobs(WINDOWS, models[0].n_blocks, top_k=32)
-    packed, plain = CaptureStore(tmp_path / "packed" / "captures"), CaptureStore(tmp_path / "plain" / "captures")
+    packed = CaptureStore(tmp_path / "packed" / "captures")
+    plain = CaptureStore(tmp_path / "plain" / "captures", packed=False)  # the store's format before packing
     for model in models:
         capture_model(HookRunner(*load_model(model.folder, LoadOptions())), model, jobs, packed, "float32",
                       log=lambda _: None)
-    with monkeypatch.context() as patch:
-        patch.setattr(store_module, "pack", lambda tensors: (tensors, {}))  # the store's format before packing
-        for model in models:
-            for key in (job.key(r, model.digest, "float32") for job in jobs for r in job.requests):
-                plain.save(key, packed.load(key), {"model": model.name})
+        for key in (job.key(r, model.digest, "float32") for job in jobs for r in job.requests):
+            plain.save(key, packed.load(key), {"model": model.name})
     tables = {}
     for name, store in (("packed", packed), ("plain", plain)):
         probes = [probe_model(model, tasks, store, "float32", [0, 1], log=lambda _: None) for model in models]
