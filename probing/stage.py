@@ -187,11 +187,17 @@ def headline_metric(probes: pl.DataFrame) -> pl.DataFrame:
 
 
 def internals_scores(probes: pl.DataFrame) -> pl.DataFrame:
-    """Scores for evaluation.outcomes: per (model, task) level=task and per (model, phenomenon) level=group."""
-    per_layer = headline_metric(probes).group_by("model", "task", "phenomenon", "layer").agg(
+    """Scores for evaluation.outcomes: per (model, task) level=task and per (model, phenomenon) level=group.
+
+    Every mean sums its rows in one fixed order (rows sorted, groups kept in that order): a float sum in another
+    order differs in the last bits, and a group_by's output order varies from call to call, so without it the same
+    probes table gave outcomes that differed at 1e-16 between runs."""
+    ordered = headline_metric(probes).sort("model", "task", "layer", "seed")
+    per_layer = ordered.group_by("model", "task", "phenomenon", "layer", maintain_order=True).agg(
         pl.col("value").mean(), pl.col("stderr").mean())
-    tasks = per_layer.group_by("model", "task", "phenomenon").agg(pl.col("value").mean(), pl.col("stderr").mean())
-    groups = tasks.group_by("model", "phenomenon").agg(
+    tasks = per_layer.group_by("model", "task", "phenomenon", maintain_order=True).agg(
+        pl.col("value").mean(), pl.col("stderr").mean())
+    groups = tasks.group_by("model", "phenomenon", maintain_order=True).agg(
         pl.col("value").mean(), (pl.col("stderr").pow(2).sum().sqrt() / pl.len()).alias("stderr"))
     common = [pl.lit(True).alias("higher_is_better")]
     return pl.concat([

@@ -207,7 +207,7 @@ def relation_chart(outcomes: pl.DataFrame | None, order: list[str]) -> Chart | N
 def probe_views(probes: pl.DataFrame) -> pl.DataFrame:
     """Per (model, task, phenomenon): headline probe score at the best layer, at the last layer, and layer mean."""
     phenomena = probes.select("task", "phenomenon").unique()
-    return (curves(probes).sort("layer").group_by("model", "task").agg(
+    return (curves(probes).group_by("model", "task", maintain_order=True).agg(  # one order: the same sums each run
         pl.col("value").get(best_layer()).alias("best layer"), pl.col("value").last().alias("last layer"),
         pl.col("value").mean().alias("mean over layers")).join(phenomena, on="task"))
 

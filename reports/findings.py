@@ -41,7 +41,7 @@ def merge_ranking(outcomes: pl.DataFrame) -> dict[str, list[dict]]:
         _finite("normalized").mean(), _finite("gap_closed").median(), _finite("merge_gain").mean(),
         pl.len().alias("comparisons"),
         *[(pl.col("relation") == r).sum().alias(r) for r in RELATIONS],
-    ).sort("kind", "normalized", "merge_gain", descending=[False, True, True], nulls_last=True)
+    ).sort("kind", "normalized", "merge_gain", "model", descending=[False, True, True, False], nulls_last=True)
     return {kind: ranked.filter(pl.col("kind") == kind).to_dicts() for kind in _kinds(ranked)}
 
 

@@ -274,8 +274,8 @@ def test_internals_outcomes_use_probe_items_keys():
                  else f1_score(r["label"], r["prediction"], average="macro"))
         phenomenon = "numbers" if regression else "syntax"
         rows.append((r["model"], r["task"], phenomenon, r["layer"], "pearson" if regression else "macro_f1", value,
-                     0.01))
-    probes = pl.DataFrame(rows, schema=["model", "task", "phenomenon", "layer", "metric", "value", "stderr"],
+                     0.01, 0))
+    probes = pl.DataFrame(rows, schema=["model", "task", "phenomenon", "layer", "metric", "value", "stderr", "seed"],
                           orient="row")
     out = compute_outcomes(internals_scores(probes), ITEM_LINEAGE, "internals", paired=paired)
     assert set(out["relation_test"]) == {"paired_bootstrap"} and out.height == 5
