@@ -110,7 +110,7 @@ class CaptureStore:
             return unpack({name: entry.get_tensor(name) for name in entry.keys()}, entry.metadata() or {})
 
     def save(self, key: CaptureKey, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        packed, layout = pack(tensors) if self.packed else (tensors, {})
+        packed, layout = pack(tensors) if self.packed else ({k: v.contiguous() for k, v in tensors.items()}, {})
         with atomic_path(self.path(key)) as temp:
             safetensors.torch.save_file(packed, temp, metadata={
                 **{k: json.dumps(v) for k, v in asdict(key).items()}, **metadata, **layout})

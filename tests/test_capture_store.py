@@ -127,10 +127,13 @@ def test_a_capture_key_is_the_digest_of_its_fields():
     torch.arange(-128, 128, dtype=torch.int8), torch.randn(4, 4, dtype=torch.float64)])
 def test_a_packed_entry_loads_bit_for_bit(tmp_path, tensor):
     store, key = CaptureStore(tmp_path), CaptureKey("m" * 32, "i" * 32, "hook_embed", "any", "float32", 8)
-    store.save(key, {"value": tensor, "second": tensor.flip(0) if tensor.dim() else tensor}, {"model": "m"})
+    saved = {"value": tensor, "second": tensor.flip(0) if tensor.dim() else tensor}
+    store.save(key, saved, {"model": "m"})
     loaded = store.load(key)
-    assert loaded["value"].dtype == tensor.dtype and loaded["value"].shape == tensor.shape
-    assert torch.equal(loaded["value"].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert loaded[name].dtype == value.dtype and loaded[name].shape == value.shape, name
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), name
 
 
 def test_entries_written_before_packing_still_load(tmp_path):
